@@ -1,0 +1,125 @@
+"""The CNN, its config, and the one place checkpoints are saved and loaded.
+
+A checkpoint is a plain dict of tensors and Python types: it stores the model's
+config next to its weights, so `model_from_checkpoint` rebuilds the network from the
+file alone, and every load uses `torch.load(..., weights_only=True)` so a checkpoint
+can never run code.
+"""
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+
+# Mean and std of MNIST pixels scaled to [0, 1]; the model normalises its own input so
+# every caller feeds it plain [0, 1] images.
+PIXEL_MEAN = 0.1307
+PIXEL_STD = 0.3081
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: missing, corrupt, unsafe or for another model."""
+
+
+@dataclass
+class ModelConfig:
+    widths: tuple = (16, 32, 64)  # channels of the 28x28, 14x14 and 7x7 stages
+    dropout: float = 0.1  # before the classifier
+    num_classes: int = 10
+
+
+def conv_bn_relu(in_channels, out_channels, padding=1):
+    # No conv bias: the BatchNorm right after it has one.
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class DigitRecognizerModel(nn.Module):
+    """Two conv-conv-pool stages and a valid 3x3 conv, then a linear classifier.
+
+    Input: float images in [0, 1], shape (N, 1, 28, 28). Output: logits (N, classes).
+    At widths (16, 32, 64): 51k parameters, 5.1M multiply-adds per image.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c1, c2, c3 = config.widths
+        self.features = nn.Sequential(
+            *conv_bn_relu(1, c1), *conv_bn_relu(c1, c1), nn.MaxPool2d(2),  # (N, c1, 14, 14)
+            *conv_bn_relu(c1, c2), *conv_bn_relu(c2, c2), nn.MaxPool2d(2),  # (N, c2, 7, 7)
+            *conv_bn_relu(c2, c3, padding=0),  # (N, c3, 5, 5)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),  # (N, c3 * 25)
+            nn.Dropout(config.dropout),
+            nn.Linear(c3 * 25, config.num_classes),
+        )
+
+    def forward(self, images):
+        x = (images - PIXEL_MEAN) / PIXEL_STD
+        return self.classifier(self.features(x))
+
+
+def config_from_dict(values: dict) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"model config has unknown fields {sorted(unknown)}")
+    values = dict(values)
+    if "widths" in values:
+        values["widths"] = tuple(values["widths"])
+    return ModelConfig(**values)
+
+
+def save_checkpoint(path, model, **extra):
+    """Write {'model_config', 'model', **extra} to `path` atomically (temp file + rename)."""
+    state = {"model_config": asdict(model.config), "model": model.state_dict(), **extra}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint dict safely, or raise CheckpointError with one clear line."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint not found; train one with `python main.py` first")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory; pass the checkpoint file, e.g. {path}/best.pt")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: it holds more than tensors and plain Python types "
+            f"({first_line}); only use checkpoints written by this suite"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {e}".splitlines()[0]) from None
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint written by this suite (no model config and weights)")
+    return state
+
+
+def model_from_checkpoint(state: dict, path="checkpoint") -> DigitRecognizerModel:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    try:
+        model = DigitRecognizerModel(config_from_dict(state["model_config"]))
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: weights do not fit this model architecture: {str(e).splitlines()[0]}") from None
+    return model

@@ -1,0 +1,306 @@
+"""Kaggle Digit Recognizer data: CSV reading and checking, the Dataset, the split, augmentation.
+
+CSV files are read with pandas, in chunks, straight from Kaggle's zip, an unpacked
+folder, a `.csv` or a `.csv.gz`. Every chunk is checked (columns, numbers, 0-255 pixels,
+0-9 labels) and converted once to a uint8 tensor of shape (N, 1, 28, 28); any problem
+raises DataError with one line naming the file, the line and column, and the fix.
+Augmentation is a batched random affine warp (rotation, scale, shear, shift) plus an
+optional elastic distortion, done with `affine_grid`/`grid_sample` on the training device.
+"""
+
+import io
+import math
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IMAGE_SIDE = 28
+NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+PIXEL_COLUMNS = [f"pixel{i}" for i in range(NUM_PIXELS)]
+CHUNK_ROWS = 8192  # rows per pandas chunk: bounded memory (~50 MB of int64) at full speed
+
+
+class DataError(Exception):
+    """Unusable input data; the message is one line: what, where, how to fix."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+def resolve_csv(path: str, name: str):
+    """Find `name` ('train.csv' or 'test.csv') in a folder, Kaggle zip, or take `path` as the CSV.
+
+    Returns (label for messages, opener) where opener() gives a binary file object or path.
+    """
+    if not os.path.exists(path):
+        raise DataError(
+            f"{path}: no such file or folder; download the data with "
+            f"`kaggle competitions download -c digit-recognizer -p data` (or pass --data/--input)"
+        )
+    if os.path.isdir(path):
+        for candidate in (name, name + ".gz"):
+            full = os.path.join(path, candidate)
+            if os.path.isfile(full):
+                return full, lambda: full
+        raise DataError(f"{path}: folder has no {name}; unzip digit-recognizer.zip there or pass the zip itself")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.namelist() if os.path.basename(m) == name]
+        if not members:
+            raise DataError(f"{path}: zip has no {name}; pass the digit-recognizer.zip that Kaggle ships")
+        label = f"{path}:{members[0]}"
+        return label, lambda: zipfile.ZipFile(path).open(members[0])
+    return path, lambda: path
+
+
+def _read_chunks(label, opener, chunk_rows):
+    try:
+        source = opener()
+        reader = pd.read_csv(source, chunksize=chunk_rows)
+        yield from reader
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{label}: file is empty; expected a Kaggle CSV with a header line") from None
+    except (UnicodeDecodeError, pd.errors.ParserError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{label}: not a readable CSV ({type(e).__name__}); pass the Kaggle train.csv/test.csv") from None
+
+
+# ----------------------------------------------------------------------------- checking
+
+def _check_columns(label, columns, expect_label):
+    columns = [str(c).strip() for c in columns]
+    pixel_columns = [c for c in columns if c != "label"]
+    if expect_label and "label" not in columns:
+        raise DataError(f"{label}: no 'label' column; a training CSV needs label,pixel0..pixel783")
+    if len(pixel_columns) != NUM_PIXELS:
+        raise DataError(
+            f"{label}: {len(pixel_columns)} pixel columns, expected {NUM_PIXELS} (pixel0..pixel783); "
+            f"is this the Kaggle digit-recognizer CSV?"
+        )
+    if pixel_columns != PIXEL_COLUMNS:
+        bad = next(c for c, want in zip(pixel_columns, PIXEL_COLUMNS) if c != want)
+        raise DataError(f"{label}: unexpected column '{bad}'; pixel columns must be named pixel0..pixel783 in order")
+
+
+def _first_bad_cell(label, chunk, first_line):
+    """Raise DataError for the first cell that is blank, NaN or not a whole number."""
+    for column in chunk.columns:
+        series = chunk[column]
+        if pd.api.types.is_integer_dtype(series.dtype):
+            continue
+        numeric = pd.to_numeric(series, errors="coerce")
+        for i, (raw, value) in enumerate(zip(series.tolist(), numeric.tolist())):
+            where = f"{label}: line {first_line + i}, column '{column}'"
+            if pd.isna(raw) or (isinstance(raw, str) and not raw.strip()):
+                raise DataError(f"{where}: blank or NaN cell; every cell must be a whole number")
+            if pd.isna(value) or value != int(value):
+                raise DataError(f"{where}: '{raw}' is not a whole number; fix or drop that row")
+    raise DataError(f"{label}: line {first_line}: could not read the numbers; check the file")
+
+
+def _chunk_to_tensors(label, chunk, first_line, keep_label):
+    if not all(pd.api.types.is_integer_dtype(t) for t in chunk.dtypes):
+        _first_bad_cell(label, chunk, first_line)
+    pixels = chunk[PIXEL_COLUMNS].to_numpy()
+    out_of_range = (pixels < 0) | (pixels > 255)
+    if out_of_range.any():
+        row, col = np.argwhere(out_of_range)[0]
+        raise DataError(
+            f"{label}: line {first_line + row}, column 'pixel{col}': value {pixels[row, col]} "
+            f"is outside 0-255; pixels are 8-bit grey levels"
+        )
+    images = torch.from_numpy(pixels.astype(np.uint8)).view(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+    if not keep_label:
+        return images, None
+    labels = chunk["label"].to_numpy()
+    bad = (labels < 0) | (labels > 9)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{label}: line {first_line + row}, column 'label': {labels[row]} is not a digit 0-9")
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def iter_digit_csv(path, name, labelled, chunk_rows=CHUNK_ROWS, log=print):
+    """Yield checked (images uint8 (n, 1, 28, 28), labels int64 (n,) or None) chunks of a CSV.
+
+    `labelled`: True for train.csv (label column required), False for test.csv (a label
+    column is accepted and ignored, with one note through `log`).
+    """
+    label, opener = resolve_csv(path, name)
+    rows = 0
+    for chunk in _read_chunks(label, opener, chunk_rows):
+        chunk.columns = [str(c).strip() for c in chunk.columns]
+        if rows == 0:
+            _check_columns(label, chunk.columns, expect_label=labelled)
+            if not labelled and "label" in chunk.columns:
+                log(f"note: {label} has a 'label' column; it is ignored for prediction")
+        if len(chunk) == 0:
+            continue
+        yield _chunk_to_tensors(label, chunk, first_line=rows + 2, keep_label=labelled)
+        rows += len(chunk)
+    if rows == 0:
+        raise DataError(f"{label}: has a header but no rows of digits")
+
+
+def load_digit_csv(path, name, labelled, log=print):
+    """Read a whole CSV: (images uint8 (N, 1, 28, 28), labels int64 (N,) or None)."""
+    chunks = list(iter_digit_csv(path, name, labelled, log=log))
+    images = torch.cat([images for images, _ in chunks])
+    labels = torch.cat([labels for _, labels in chunks]) if labelled else None
+    return images, labels
+
+
+def load_train(path, log=print):
+    return load_digit_csv(path, "train.csv", labelled=True, log=log)
+
+
+def load_test(path, log=print):
+    return load_digit_csv(path, "test.csv", labelled=False, log=log)[0]
+
+
+def atomic_write_text(path, text):
+    """Write `text` to `path` via a temp file in the same folder and a rename: never torn."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with io.open(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class DigitDataset(Dataset):
+    """Images (N, 1, 28, 28) uint8 and labels (N,) int64, held as whole tensors.
+
+    The training loop slices `images[idx]` for a batch of indices; `__getitem__` is
+    there for DataLoader-style use and inspection.
+    """
+
+    def __init__(self, images, labels):
+        if labels is not None and len(labels) != len(images):
+            raise ValueError("images and labels differ in length")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+    def subset(self, indices):
+        return DigitDataset(self.images[indices], self.labels[indices])
+
+    def to(self, device):
+        return DigitDataset(self.images.to(device), self.labels.to(device))
+
+
+def stratified_split(labels, val_fraction, seed):
+    """Indices (train, val): `val_fraction` of every class to validation, seeded."""
+    if val_fraction <= 0:
+        return torch.arange(len(labels)), torch.arange(0)
+    generator = torch.Generator().manual_seed(seed)
+    train_parts, val_parts = [], []
+    for digit in labels.unique().tolist():
+        members = torch.nonzero(labels == digit).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = int(round(val_fraction * len(members)))
+        val_parts.append(members[:n_val])
+        train_parts.append(members[n_val:])
+    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+@dataclass
+class AugmentConfig:
+    rotate_deg: float = 10.0  # max rotation, degrees either way
+    scale: float = 0.1  # zoom factor drawn from [1 - scale, 1 + scale]
+    shear: float = 0.1  # max shear, as tan(angle)
+    shift: float = 0.1  # max shift, fraction of the image side (0.1 = 2.8 px)
+    elastic_alpha: float = 0.0  # elastic distortion strength in pixels (0 = off)
+    elastic_sigma: float = 4.0  # smoothness of the elastic field, pixels
+
+    @property
+    def enabled(self):
+        return any((self.rotate_deg, self.scale, self.shear, self.shift, self.elastic_alpha))
+
+
+def affine_matrices(rotate_rad, scale, shear, shift_x, shift_y):
+    """(B, 2, 3) matrices for `affine_grid`, from per-image parameters of shape (B,).
+
+    affine_grid maps output coordinates to input ones in [-1, 1] units; the parameter
+    distributions are symmetric, so drawing the inverse warp directly is equivalent.
+    """
+    cos, sin = torch.cos(rotate_rad), torch.sin(rotate_rad)
+    inv_scale = 1.0 / scale
+    theta = torch.stack([
+        torch.stack([cos * inv_scale, (shear * cos - sin) * inv_scale, 2 * shift_x], dim=1),
+        torch.stack([sin * inv_scale, (shear * sin + cos) * inv_scale, 2 * shift_y], dim=1),
+    ], dim=1)
+    return theta  # (B, 2, 3)
+
+
+def _gaussian_kernel(sigma, device):
+    radius = max(1, int(math.ceil(2 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return kernel / kernel.sum(), radius
+
+
+def elastic_offsets(batch, alpha, sigma, generator, device):
+    """Smooth random displacement fields (B, 28, 28, 2) in grid units (Simard et al. 2003)."""
+    field = torch.rand(batch * 2, 1, IMAGE_SIDE, IMAGE_SIDE, generator=generator, device=device) * 2 - 1
+    kernel, radius = _gaussian_kernel(sigma, device)
+    field = F.conv2d(field, kernel.view(1, 1, 1, -1), padding=(0, radius))  # separable blur
+    field = F.conv2d(field, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    field = field / field.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    pixels_to_grid = 2.0 / IMAGE_SIDE
+    return (field * alpha * pixels_to_grid).view(batch, 2, IMAGE_SIDE, IMAGE_SIDE).permute(0, 2, 3, 1)
+
+
+def augment(images, config: AugmentConfig, generator):
+    """Randomly warp a batch of float images (B, 1, 28, 28) on their own device."""
+    if not config.enabled:
+        return images
+    batch, device = images.shape[0], images.device
+
+    def uniform(limit):  # (B,) in [-limit, limit]
+        return (torch.rand(batch, generator=generator, device=device) * 2 - 1) * limit
+
+    theta = affine_matrices(
+        rotate_rad=uniform(math.radians(config.rotate_deg)),
+        scale=1 + uniform(config.scale),
+        shear=uniform(config.shear),
+        shift_x=uniform(config.shift),
+        shift_y=uniform(config.shift),
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, 28, 28, 2)
+    if config.elastic_alpha > 0:
+        grid = grid + elastic_offsets(batch, config.elastic_alpha, config.elastic_sigma, generator, device)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def warp(images, rotate_deg=0.0, shift_x_px=0.0, shift_y_px=0.0):
+    """The same fixed warp for every image of a batch (used by test-time augmentation)."""
+    batch, device = images.shape[0], images.device
+    full = lambda value: torch.full((batch,), float(value), device=device)
+    theta = affine_matrices(
+        rotate_rad=full(math.radians(rotate_deg)),
+        scale=full(1.0),
+        shear=full(0.0),
+        shift_x=full(shift_x_px / IMAGE_SIDE),
+        shift_y=full(shift_y_px / IMAGE_SIDE),
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

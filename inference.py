@@ -1,0 +1,108 @@
+"""Predict the Kaggle test set with one or more checkpoints and write the submission.
+
+Usage:
+    python inference.py --checkpoint checkpoints/best.pt
+    python inference.py --checkpoint checkpoints/best.pt --input ../shared/data/digit-recognizer.zip
+    python inference.py --checkpoint a/best.pt b/best.pt --tta --output ensemble.csv
+
+Several checkpoints are an ensemble: their softmax outputs are averaged. The test file
+is read in chunks, so memory stays bounded however many rows it has.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from DigitRecognizerModel import CheckpointError, load_checkpoint, model_from_checkpoint
+from dataloader import DataError, atomic_write_text, iter_digit_csv, warp
+from trainer import choose_device, predict_logits
+
+# Test-time augmentation: the image itself plus fixed small shifts (pixels) and rotations
+# (degrees); the softmax outputs over all views are averaged.
+TTA_VIEWS = [(0, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1), (8, 0, 0), (-8, 0, 0)]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def user_error(error) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def load_models(paths, device):
+    models = []
+    for path in paths:
+        model = model_from_checkpoint(load_checkpoint(path, map_location="cpu"), path)
+        models.append(model.to(device).to(memory_format=torch.channels_last).eval())
+    return models
+
+
+def predict_probs(models, images, device, tta=False):
+    """Class probabilities (N, classes), averaged over models and (with tta) views."""
+    views = TTA_VIEWS if tta else TTA_VIEWS[:1]
+    total = None
+    for model in models:
+        for rotate_deg, shift_x, shift_y in views:
+            transform = None if (rotate_deg, shift_x, shift_y) == (0, 0, 0) else (
+                lambda x, r=rotate_deg, dx=shift_x, dy=shift_y: warp(x, r, dx, dy))
+            probs = predict_logits(model, images, device, transform=transform).softmax(1)
+            total = probs if total is None else total + probs
+    return (total / (len(models) * len(views))).cpu()
+
+
+def predict_file(models, input_path, device, tta=False, log=print):
+    """Probabilities (N, classes) for every row of a test CSV, read chunk by chunk."""
+    parts = [predict_probs(models, images, device, tta)
+             for images, _ in iter_digit_csv(input_path, "test.csv", labelled=False, log=log)]
+    return torch.cat(parts)
+
+
+def write_submission(path, predictions):
+    """Kaggle submission: header ImageId,Label; ImageId counts from 1."""
+    lines = ["ImageId,Label"] + [f"{i},{label}" for i, label in enumerate(predictions.tolist(), start=1)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_probabilities(path, probs):
+    header = "ImageId," + ",".join(f"p{k}" for k in range(probs.shape[1]))
+    rows = [f"{i}," + ",".join(f"{p:.6f}" for p in row) for i, row in enumerate(probs.tolist(), start=1)]
+    atomic_write_text(path, "\n".join([header] + rows) + "\n")
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description="Write a Kaggle submission from trained checkpoints.")
+    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
+                        help="one or more checkpoints; several are averaged as an ensemble (required)")
+    parser.add_argument("--input", default="data/test.csv",
+                        help="test.csv, test.csv.gz, a folder holding it, or the Kaggle zip (default: data/test.csv)")
+    parser.add_argument("--output", default="final_submission.csv", help="submission path (default: final_submission.csv)")
+    parser.add_argument("--probs", default=None, metavar="PATH",
+                        help="also write per-class probabilities ImageId,p0..p9 here (default: off)")
+    parser.add_argument("--tta", action="store_true", help="average over shifted/rotated views (default: off)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        device = choose_device(args.device)
+        models = load_models(args.checkpoint, device)
+        probs = predict_file(models, args.input, device, tta=args.tta)
+    except (DataError, CheckpointError, ValueError) as e:
+        return user_error(e)
+    write_submission(args.output, probs.argmax(1))
+    if args.probs:
+        write_probabilities(args.probs, probs)
+    print(f"wrote {args.output} ({len(probs):,} rows) from {len(models)} checkpoint(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
