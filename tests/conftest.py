@@ -1,0 +1,45 @@
+"""Small synthetic Digit Recognizer data, written in Kaggle's CSV format."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_ZIP = os.path.join(ROOT, "..", "shared", "data", "digit-recognizer.zip")
+
+
+def make_digits(n, seed=0):
+    """(images uint8 (n, 1, 28, 28), labels int64 (n,)): class k is a bright 4x4 block at
+    its own spot on a 3x4 grid of spots, plus noise: easy to learn, survives small warps."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, size=(n, 28, 28))
+    for i, k in enumerate(labels):
+        row, col = 4 + 7 * (k // 4), 3 + 6 * (k % 4)
+        images[i, row:row + 4, col:col + 4] = rng.integers(200, 256, size=(4, 4))
+    return torch.from_numpy(images.astype(np.uint8)).view(n, 1, 28, 28), torch.from_numpy(labels.astype(np.int64))
+
+
+def write_csv(path, images, labels=None):
+    header = ([] if labels is None else ["label"]) + [f"pixel{i}" for i in range(784)]
+    pixels = images.view(len(images), 784).numpy().astype(np.int64)
+    table = pixels if labels is None else np.column_stack([labels.numpy(), pixels])
+    with open(path, "w") as f:
+        f.write(",".join(header) + "\n")
+        np.savetxt(f, table, fmt="%d", delimiter=",")
+    return str(path)
+
+
+@pytest.fixture
+def kaggle_dir(tmp_path):
+    """A folder with a synthetic train.csv (600 rows) and test.csv (120 rows)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_csv(folder / "train.csv", *make_digits(600, seed=1))
+    write_csv(folder / "test.csv", make_digits(120, seed=2)[0])
+    return folder
