@@ -1,0 +1,184 @@
+"""Behaviour of the suite end to end: data, augmentation, model, checkpoints, submission, CLI."""
+
+import gzip
+import os
+import shutil
+import zipfile
+
+import pandas as pd
+import pytest
+import torch
+
+import inference
+import main
+from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import SHARED_ZIP, make_digits, write_csv
+from dataloader import AugmentConfig, DigitDataset, augment, load_test, load_train, stratified_split, warp
+from trainer import TrainConfig, evaluate, predict_logits, train
+
+CPU = torch.device("cpu")
+NO_AUGMENT = AugmentConfig(rotate_deg=0, scale=0, shear=0, shift=0)
+
+
+def test_csv_to_tensors(kaggle_dir):
+    images, labels = load_train(str(kaggle_dir))
+    assert images.shape == (600, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (600,) and labels.dtype == torch.int64
+    assert 0 <= labels.min() and labels.max() <= 9 and set(labels.tolist()) == set(range(10))
+    expected_images, expected_labels = make_digits(600, seed=1)
+    assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+    test_images = load_test(str(kaggle_dir))
+    assert test_images.shape == (120, 1, 28, 28) and test_images.dtype == torch.uint8
+
+
+def test_reads_zip_gz_and_plain_csv_alike(kaggle_dir, tmp_path):
+    zip_path = tmp_path / "digit-recognizer.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.write(kaggle_dir / "train.csv", "train.csv")
+        archive.write(kaggle_dir / "test.csv", "test.csv")
+    gz_dir = tmp_path / "gz"
+    gz_dir.mkdir()
+    with open(kaggle_dir / "test.csv", "rb") as src, gzip.open(gz_dir / "test.csv.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    reference = load_test(str(kaggle_dir))
+    for source in (zip_path, gz_dir, gz_dir / "test.csv.gz", kaggle_dir / "test.csv"):
+        assert torch.equal(load_test(str(source)), reference)
+    assert torch.equal(load_train(str(zip_path))[1], load_train(str(kaggle_dir))[1])
+
+
+def test_stratified_split_is_seeded_disjoint_and_balanced():
+    labels = make_digits(1000)[1]
+    train_idx, val_idx = stratified_split(labels, 0.1, seed=3)
+    assert len(val_idx) == 100 and len(train_idx) == 900
+    assert not set(train_idx.tolist()) & set(val_idx.tolist())
+    assert torch.bincount(labels[val_idx], minlength=10).tolist() == [10] * 10
+    assert torch.equal(stratified_split(labels, 0.1, seed=3)[1], val_idx)
+    assert not torch.equal(stratified_split(labels, 0.1, seed=4)[1], val_idx)
+
+
+def test_augmentation_at_zero_strength_is_identity_and_keeps_labels():
+    images, labels = make_digits(64)
+    x = images.float() / 255
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(x, NO_AUGMENT, generator), x)
+    # The warp itself is exact at zero: the same sampling grid the random path uses.
+    assert torch.allclose(warp(x), x, atol=1e-5)
+    warped = augment(x, AugmentConfig(), generator)
+    assert warped.shape == x.shape and not torch.allclose(warped, x)
+    assert 0 <= warped.min() and warped.max() <= 1 + 1e-6
+    # A warp moves pixels, never which image (and so which label) is where: the trained
+    # model still recognises most augmented digits (checked in the learning test).
+
+
+def test_elastic_augmentation_changes_images_but_keeps_them_in_range():
+    x = make_digits(16)[0].float() / 255
+    elastic = AugmentConfig(rotate_deg=0, scale=0, shear=0, shift=0, elastic_alpha=2.0)
+    warped = augment(x, elastic, torch.Generator().manual_seed(0))
+    assert not torch.allclose(warped, x) and 0 <= warped.min() and warped.max() <= 1 + 1e-6
+
+
+def train_small(tmp_path, epochs=4, seed=0, augment_config=None):
+    images, labels = make_digits(1200, seed=seed)
+    full = DigitDataset(images, labels)
+    train_idx, val_idx = stratified_split(labels, 0.2, seed)
+    torch.manual_seed(seed)
+    model = DigitRecognizerModel(ModelConfig(widths=(8, 16, 16)))
+    config = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, seed=seed, augment=augment_config or AugmentConfig())
+    history = train(model, full.subset(train_idx), full.subset(val_idx), config, CPU, str(tmp_path), log=lambda *_: None)
+    return model, full.subset(val_idx), history
+
+
+def test_model_learns_synthetic_task_and_checkpoint_round_trips(tmp_path):
+    model, val_set, history = train_small(tmp_path)
+    assert len(history) == 4 and history[-1]["val_accuracy"] > 0.95
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    state = load_checkpoint(str(tmp_path / "best.pt"))
+    restored = model_from_checkpoint(state)
+    assert restored.config == model.config and state["val_accuracy"] == max(r["val_accuracy"] for r in history)
+    # last.pt holds the final weights: predictions must match exactly.
+    last, = inference.load_models([str(tmp_path / "last.pt")], CPU)
+    assert torch.equal(predict_logits(last, val_set.images, CPU), predict_logits(model, val_set.images, CPU))
+    assert evaluate(restored, val_set, CPU)["accuracy"] == state["val_accuracy"]
+
+
+def test_checkpoint_holds_only_plain_types(tmp_path):
+    model = DigitRecognizerModel(ModelConfig())
+    save_checkpoint(str(tmp_path / "m.pt"), model, epoch=3)
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert state["model_config"] == {"widths": (16, 32, 64), "dropout": 0.1, "num_classes": 10}
+    assert state["epoch"] == 3 and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_main_dry_run_end_to_end(kaggle_dir, tmp_path):
+    submission = tmp_path / "sub.csv"
+    argv = ["--data", str(kaggle_dir), "--dry-run", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--submission", str(submission)]
+    assert main.main(argv) == 0
+    assert (tmp_path / "ck" / "best.pt").exists() and (tmp_path / "ck" / "last.pt").exists()
+    check_submission(submission, rows=120)
+
+
+def check_submission(path, rows):
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["ImageId", "Label"]
+    assert table["ImageId"].tolist() == list(range(1, rows + 1))
+    assert table["Label"].between(0, 9).all() and table["Label"].dtype.kind == "i"
+    return table
+
+
+def test_inference_cli_matches_main_submission(kaggle_dir, tmp_path):
+    ck = tmp_path / "ck"
+    assert main.main(["--data", str(kaggle_dir), "--epochs", "2", "--checkpoint-dir", str(ck),
+                      "--submission", str(tmp_path / "main.csv")]) == 0
+    assert inference.main(["--checkpoint", str(ck / "best.pt"), "--input", str(kaggle_dir / "test.csv"),
+                           "--output", str(tmp_path / "inf.csv"), "--probs", str(tmp_path / "probs.csv")]) == 0
+    assert (tmp_path / "main.csv").read_bytes() == (tmp_path / "inf.csv").read_bytes()
+    probs = pd.read_csv(tmp_path / "probs.csv")
+    assert list(probs.columns) == ["ImageId"] + [f"p{k}" for k in range(10)]
+    assert (probs.iloc[:, 1:].sum(axis=1) - 1).abs().max() < 1e-4
+    # Several checkpoints are a softmax-averaged ensemble; TTA averages views.
+    assert inference.main(["--checkpoint", str(ck / "best.pt"), str(ck / "last.pt"), "--tta",
+                           "--input", str(kaggle_dir), "--output", str(tmp_path / "ens.csv")]) == 0
+    check_submission(tmp_path / "ens.csv", rows=120)
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_ZIP), reason="needs ../shared/data/digit-recognizer.zip")
+def test_main_dry_run_on_a_slice_of_the_real_data(tmp_path):
+    with zipfile.ZipFile(SHARED_ZIP) as archive:
+        train_rows = pd.read_csv(archive.open("train.csv"), nrows=1000)
+        test_rows = pd.read_csv(archive.open("test.csv"), nrows=300)
+    data = tmp_path / "data"
+    data.mkdir()
+    train_rows.to_csv(data / "train.csv", index=False)
+    test_rows.to_csv(data / "test.csv", index=False)
+    submission = tmp_path / "sub.csv"
+    assert main.main(["--data", str(data), "--dry-run", "--checkpoint-dir", str(tmp_path / "ck"),
+                      "--submission", str(submission)]) == 0
+    check_submission(submission, rows=300)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--epochs", "zero"], "invalid int value"),
+    (["--data", "/no/such/folder"], "no such file or folder"),
+])
+def test_main_cli_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    code = exit_code(main.main, argv + ["--checkpoint-dir", str(tmp_path / "ck"), "--submission", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "ck").exists()
+
+
+def exit_code(entry_point, argv):
+    """The exit code of a CLI entry point, whether it returns it or argparse exits."""
+    try:
+        return entry_point(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_inference_missing_checkpoint_exits_2(kaggle_dir, tmp_path, capsys):
+    code = inference.main(["--checkpoint", str(tmp_path / "nope.pt"), "--input", str(kaggle_dir),
+                           "--output", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "nope.pt" in err and len(err.splitlines()) == 1 and not (tmp_path / "s.csv").exists()
