@@ -38,8 +38,8 @@ def user_error(error) -> int:
 def load_models(paths, device):
     models = []
     for path in paths:
-        model = model_from_checkpoint(load_checkpoint(path, map_location="cpu"), path)
-        models.append(model.to(device).to(memory_format=torch.channels_last).eval())
+        model = model_from_checkpoint(load_checkpoint(path, map_location="cpu"), path).fuse_batchnorm_()
+        models.append(model.to(device).to(memory_format=torch.channels_last))
     return models
 
 
