@@ -27,8 +27,8 @@ from trainer import TrainConfig, TrainingDiverged, choose_device, train
 # ---------------------------------------------------------------------------- settings
 # One block: each preset is a complete recipe; explicit flags override its values.
 PRESETS = {
-    "fast": dict(epochs=4, batch_size=128, lr=0.1, widths=(16, 32, 64)),
-    "default": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 64)),
+    "fast": dict(epochs=4, batch_size=128, lr=0.1, widths=(16, 32, 64), ema=0.0, elastic=0.0),
+    "default": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 64), ema=0.0, elastic=0.0),
 }
 VAL_FRACTION = 0.1  # stratified hold-out of train.csv used to pick best.pt and report accuracy
 
@@ -42,6 +42,11 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, help="epochs (default: from --preset; default preset: 30)")
     parser.add_argument("--batch-size", type=int, help="training batch size (default: from --preset; 128)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: from --preset; 0.1)")
+    parser.add_argument("--widths", type=int, nargs=3, metavar=("C1", "C2", "C3"),
+                        help="channels of the three conv stages (default: from --preset; 16 32 64)")
+    parser.add_argument("--ema", type=float, help="weight EMA decay per step, 0 = off (default: from --preset; 0)")
+    parser.add_argument("--elastic", type=float,
+                        help="elastic distortion, max displacement in pixels, 0 = off (default: from --preset; 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed for split, init, shuffle and augmentation (default: 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = cuda when available, else cpu (default: auto)")
@@ -51,12 +56,14 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true", help="one batch of training and validation, one epoch (default: off)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    for key in ("epochs", "batch_size", "lr"):
+    for key, value in preset.items():
         if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        parser.error("--epochs and --batch-size must be at least 1 and --lr above 0")
-    args.widths = preset["widths"]
+            setattr(args, key, value)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or min(args.widths) < 1:
+        parser.error("--epochs, --batch-size and --widths must be at least 1 and --lr above 0")
+    if not 0 <= args.ema < 1 or args.elastic < 0:
+        parser.error("--ema must be in [0, 1) and --elastic at least 0")
+    args.widths = tuple(args.widths)
     return args
 
 
@@ -75,7 +82,8 @@ def run(args, log=print):
 
     model = DigitRecognizerModel(ModelConfig(widths=args.widths))
     config = TrainConfig(epochs=1 if args.dry_run else args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, augment=AugmentConfig(), max_steps_per_epoch=1 if args.dry_run else 0)
+                         ema_decay=args.ema, seed=args.seed, augment=AugmentConfig(elastic_alpha=args.elastic),
+                         max_steps_per_epoch=1 if args.dry_run else 0)
     history = train(model, train_set, val_set, config, device, args.checkpoint_dir, resume=args.resume, log=log)
 
     best = os.path.join(args.checkpoint_dir, "best.pt")

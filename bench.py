@@ -1,0 +1,199 @@
+"""Benchmark: CSV loading, training throughput and GFLOP/s against the CPU's FMA peak,
+time-to-accuracy, inference speed, peak memory. A benchmark, not a test: nothing asserts.
+
+Usage:
+    python bench.py --data ../shared/data/digit-recognizer.zip           # default preset, ~5 min
+    python bench.py --data ../shared/data/digit-recognizer.zip --quick   # fast preset, < 1 min
+
+Prints a table and writes the same figures to bench.json.
+"""
+
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import main
+from DigitRecognizerModel import DigitRecognizerModel, ModelConfig
+from dataloader import AugmentConfig, DigitDataset, atomic_write_text, augment, load_test, load_train, stratified_split
+from inference import ArgumentParser, load_models, predict_file, predict_probs
+from trainer import TrainConfig, choose_device, train
+
+FP32_FLOPS_PER_CYCLE = {"AVX512": 64, "AVX2": 32}  # 2 FMA units x SIMD lanes x 2 FLOPs
+
+
+def multiply_adds_per_image(model):
+    """Multiply-adds of one forward pass, counted from the conv and linear layer shapes."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += output.numel() * module.in_channels // module.groups * kh * kw
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def cpu_peak():
+    """Estimated fp32 FMA peak: cores x clock x FLOP/cycle, plus an sgemm measurement."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flops_per_cycle = FP32_FLOPS_PER_CYCLE.get(capability, 16)
+    mhz = 0.0
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            mhz = max((float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")), default=0.0)
+    cores = torch.get_num_threads()
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    sgemm = 5 * 2 * 2048 ** 3 / (time.perf_counter() - started) / 1e9
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "simd": capability,
+        "threads": cores,
+        "clock_ghz": mhz / 1000,
+        "flops_per_cycle": flops_per_cycle,
+        "peak_gflops": cores * mhz / 1000 * flops_per_cycle,
+        "derivation": f"{cores} cores x {mhz / 1000:.2f} GHz (/proc/cpuinfo) x {flops_per_cycle} FLOP/cycle "
+                      f"({capability}: 2 FMA units x {flops_per_cycle // 4} fp32 lanes x 2)",
+        "sgemm_gflops": sgemm,
+    }
+
+
+def train_step_throughput(widths, batch_size, images, labels, device, steps=60):
+    """Images/s of the bare training step (augmentation, forward, backward, SGD update)."""
+    model = DigitRecognizerModel(ModelConfig(widths=widths)).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    config = AugmentConfig()
+
+    def step(i):
+        idx = torch.randint(0, len(images), (batch_size,), generator=generator, device=device)
+        x = augment(images[idx].float().div_(255), config, generator).contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(model(x), labels[idx], label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for i in range(5):  # warm-up: oneDNN picks its kernels on the first calls
+        step(i)
+    started = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def first_time_reaching(history, target):
+    elapsed = 0.0
+    for row in history:
+        elapsed += row["seconds"]
+        if row["val_accuracy"] >= target:
+            return round(elapsed, 1)
+    return None
+
+
+def run(args):
+    device = choose_device("cpu")
+    preset = main.PRESETS["fast" if args.quick else "default"]
+    results = {"preset": "fast" if args.quick else "default", "torch": torch.__version__, "machine": cpu_peak()}
+
+    started = time.perf_counter()
+    images, labels = load_train(args.data)
+    results["load_train_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    test_images = load_test(args.data)
+    results["load_test_s"] = time.perf_counter() - started
+
+    widths, batch_size = preset["widths"], preset["batch_size"]
+    macs = multiply_adds_per_image(DigitRecognizerModel(ModelConfig(widths=widths)))
+    train_flops_per_image = 3 * 2 * macs  # forward + backward (2x forward)
+    step_rate = train_step_throughput(widths, batch_size, images, labels, device)
+    results["model"] = {"widths": list(widths), "multiply_adds_per_image": macs,
+                        "parameters": sum(p.numel() for p in DigitRecognizerModel(ModelConfig(widths=widths)).parameters())}
+    results["train_step_images_per_s"] = step_rate
+    results["train_step_gflops"] = step_rate * train_flops_per_image / 1e9
+    results["train_step_fraction_of_peak"] = results["train_step_gflops"] / results["machine"]["peak_gflops"]
+
+    train_idx, val_idx = stratified_split(labels, main.VAL_FRACTION, seed=0)
+    full = DigitDataset(images, labels)
+    torch.manual_seed(0)
+    model = DigitRecognizerModel(ModelConfig(widths=widths))
+    config = TrainConfig(epochs=preset["epochs"], batch_size=batch_size, lr=preset["lr"])
+    with tempfile.TemporaryDirectory() as checkpoint_dir:
+        history = train(model, full.subset(train_idx), full.subset(val_idx), config, device, checkpoint_dir,
+                        log=lambda *_: None, progress=False)
+        epoch_seconds = [row["seconds"] for row in history]
+        results["epochs"] = len(history)
+        results["seconds_per_epoch"] = sum(epoch_seconds) / len(epoch_seconds)
+        results["epoch_images_per_s"] = len(train_idx) / results["seconds_per_epoch"]
+        results["best_val_accuracy"] = max(row["val_accuracy"] for row in history)
+        results["seconds_to_0.990"] = first_time_reaching(history, 0.990)
+        results["seconds_to_0.995"] = first_time_reaching(history, 0.995)
+
+        models = load_models([os.path.join(checkpoint_dir, "best.pt")], device)
+        started = time.perf_counter()
+        probs = predict_file(models, args.data, device, log=lambda *_: None)
+        results["read_and_predict_test_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        predict_probs(models, test_images, device)
+        results["predict_test_s"] = time.perf_counter() - started
+        results["inference_images_per_s"] = len(probs) / results["predict_test_s"]
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return results
+
+
+def print_table(r):
+    m = r["machine"]
+    rows = [
+        ("machine", f"{m['cpu']} {m['simd']}, {m['threads']} threads, torch {r['torch']}"),
+        ("FMA peak (estimate)", f"{m['peak_gflops']:.0f} GFLOP/s = {m['derivation']}"),
+        ("sgemm 2048 (measured)", f"{m['sgemm_gflops']:.0f} GFLOP/s"),
+        ("model", f"widths {r['model']['widths']}, {r['model']['parameters']:,} params, "
+                  f"{r['model']['multiply_adds_per_image'] / 1e6:.2f}M multiply-adds/image"),
+        ("load train.csv", f"{r['load_train_s']:.2f} s"),
+        ("load test.csv", f"{r['load_test_s']:.2f} s"),
+        ("train step", f"{r['train_step_images_per_s']:,.0f} img/s = {r['train_step_gflops']:.0f} GFLOP/s "
+                       f"({100 * r['train_step_fraction_of_peak']:.0f}% of peak)"),
+        (f"epoch ({r['preset']} preset)", f"{r['seconds_per_epoch']:.1f} s ({r['epoch_images_per_s']:,.0f} img/s incl. validation)"),
+        ("time to val acc 0.990", f"{r['seconds_to_0.990']} s"),
+        ("time to val acc 0.995", f"{r['seconds_to_0.995']} s"),
+        (f"best val acc ({r['epochs']} epochs)", f"{r['best_val_accuracy']:.4f}"),
+        ("predict 28k test images", f"{r['predict_test_s']:.2f} s ({r['inference_images_per_s']:,.0f} img/s)"),
+        ("read + predict test file", f"{r['read_and_predict_test_s']:.2f} s"),
+        ("peak RSS", f"{r['peak_rss_mb']:.0f} MB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def main_cli(argv=None):
+    parser = ArgumentParser(description="Benchmark loading, training and inference on this machine.")
+    parser.add_argument("--data", default="data/", help="Kaggle folder or zip (default: data/)")
+    parser.add_argument("--quick", action="store_true", help="fast preset, under a minute (default: off)")
+    parser.add_argument("--output", default="bench.json", help="JSON results (default: bench.json)")
+    args = parser.parse_args(argv)
+    results = run(args)
+    print_table(results)
+    atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main_cli()
