@@ -27,8 +27,9 @@ from trainer import TrainConfig, TrainingDiverged, choose_device, train
 # ---------------------------------------------------------------------------- settings
 # One block: each preset is a complete recipe; explicit flags override its values.
 PRESETS = {
-    "fast": dict(epochs=4, batch_size=128, lr=0.1, widths=(16, 32, 64), ema=0.0, elastic=0.0),
-    "default": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 64), ema=0.0, elastic=0.0),
+    "fast": dict(epochs=4, batch_size=128, lr=0.1, widths=(16, 32, 64), ema=0.0, elastic=0.0, ensemble=1, tta=False),
+    "default": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 64), ema=0.0, elastic=0.0, ensemble=1, tta=False),
+    "best": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 64), ema=0.0, elastic=0.0, ensemble=5, tta=True),
 }
 VAL_FRACTION = 0.1  # stratified hold-out of train.csv used to pick best.pt and report accuracy
 
@@ -47,6 +48,15 @@ def parse_args(argv):
     parser.add_argument("--ema", type=float, help="weight EMA decay per step, 0 = off (default: from --preset; 0)")
     parser.add_argument("--elastic", type=float,
                         help="elastic distortion, max displacement in pixels, 0 = off (default: from --preset; 0)")
+    parser.add_argument("--ensemble", type=int, metavar="N",
+                        help="train N members with seeds seed..seed+N-1 and average their softmax "
+                             "(default: from --preset; default preset: 1)")
+    parser.add_argument("--tta", action="store_true", default=None,
+                        help="test-time augmentation: average over shifted/rotated views "
+                             "(default: from --preset; on for best, else off)")
+    parser.add_argument("--full-train", action="store_true",
+                        help="train on all rows with no validation split; the epoch count is the one "
+                             "chosen on validation runs of the preset (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed for split, init, shuffle and augmentation (default: 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = cuda when available, else cpu (default: auto)")
@@ -59,41 +69,66 @@ def parse_args(argv):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or min(args.widths) < 1:
-        parser.error("--epochs, --batch-size and --widths must be at least 1 and --lr above 0")
+    if min(args.epochs, args.batch_size, args.ensemble, *args.widths) < 1 or args.lr <= 0:
+        parser.error("--epochs, --batch-size, --ensemble and --widths must be at least 1 and --lr above 0")
     if not 0 <= args.ema < 1 or args.elastic < 0:
         parser.error("--ema must be in [0, 1) and --elastic at least 0")
     args.widths = tuple(args.widths)
     return args
 
 
+def member_dir(args, member):
+    """Checkpoint folder of ensemble member `member`: the folder itself for a single model."""
+    return args.checkpoint_dir if args.ensemble == 1 else os.path.join(args.checkpoint_dir, f"member{member + 1}")
+
+
 def run(args, log=print):
-    """Train and write the submission; returns {'history', 'val_accuracy', 'submission', 'seconds'}."""
+    """Train, then write the submission.
+
+    Returns {'histories', 'val_accuracy', 'checkpoints', 'submission', 'seconds'}, where
+    val_accuracy is that of the submitted predictor (ensemble, TTA) on the validation split.
+    """
     started = time.perf_counter()
     device = choose_device(args.device)
-    torch.manual_seed(args.seed)
     images, labels = load_train(args.data, log=log)
     test_images = load_test(args.data, log=log)  # read (and checked) before training, not after
-    train_idx, val_idx = stratified_split(labels, VAL_FRACTION, args.seed)
+    train_idx, val_idx = stratified_split(labels, 0 if args.full_train else VAL_FRACTION, args.seed)
     full = DigitDataset(images, labels)
     train_set, val_set = full.subset(train_idx), full.subset(val_idx)
     log(f"data: {len(train_set):,} train / {len(val_set):,} validation / {len(test_images):,} test images; "
         f"device {device}, {torch.get_num_threads()} threads")
+    if args.full_train:
+        log(f"full-train: no validation split; the model after epoch {args.epochs} is the one submitted")
 
-    model = DigitRecognizerModel(ModelConfig(widths=args.widths))
-    config = TrainConfig(epochs=1 if args.dry_run else args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         ema_decay=args.ema, seed=args.seed, augment=AugmentConfig(elastic_alpha=args.elastic),
-                         max_steps_per_epoch=1 if args.dry_run else 0)
-    history = train(model, train_set, val_set, config, device, args.checkpoint_dir, resume=args.resume, log=log)
+    histories, checkpoints = [], []
+    for member in range(args.ensemble):
+        seed = args.seed + member
+        folder = member_dir(args, member)
+        if args.ensemble > 1:
+            log(f"ensemble member {member + 1}/{args.ensemble} (seed {seed}) -> {folder}")
+        torch.manual_seed(seed)
+        model = DigitRecognizerModel(ModelConfig(widths=args.widths))
+        config = TrainConfig(epochs=1 if args.dry_run else args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             ema_decay=args.ema, seed=seed, augment=AugmentConfig(elastic_alpha=args.elastic),
+                             max_steps_per_epoch=1 if args.dry_run else 0)
+        # A resumed ensemble continues the member that was cut off and starts the ones never begun.
+        resume = args.resume and (member == 0 or os.path.exists(os.path.join(folder, "last.pt")))
+        histories.append(train(model, train_set, val_set, config, device, folder, resume=resume, log=log))
+        checkpoints.append(os.path.join(folder, "best.pt"))
 
-    best = os.path.join(args.checkpoint_dir, "best.pt")
-    probs = predict_probs(load_models([best], device), test_images, device)
+    models = load_models(checkpoints, device)
+    val_accuracy = float("nan")
+    if len(val_set):
+        val_probs = predict_probs(models, val_set.images, device, tta=args.tta)
+        val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item()
+        log(f"validation accuracy of the submitted predictor ({len(models)} model(s)"
+            f"{', TTA' if args.tta else ''}): {val_accuracy:.4f}")
+    probs = predict_probs(models, test_images, device, tta=args.tta)
     write_submission(args.submission, probs.argmax(1))
-    best_accuracy = max(row["val_accuracy"] for row in history)
     seconds = time.perf_counter() - started
-    log(f"best validation accuracy {best_accuracy:.4f}; wrote {args.submission} "
-        f"({len(test_images):,} rows) in {seconds:.0f}s")
-    return {"history": history, "val_accuracy": best_accuracy, "submission": args.submission, "seconds": seconds}
+    log(f"wrote {args.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
+    return {"histories": histories, "val_accuracy": val_accuracy, "checkpoints": checkpoints,
+            "submission": args.submission, "seconds": seconds}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,54 @@
+"""Ensembles, test-time augmentation and full-data refits, on tiny synthetic data."""
+
+import pandas as pd
+import torch
+
+import inference
+import main
+from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint
+from conftest import make_digits
+from trainer import EMA
+
+
+def test_ensemble_with_tta_matches_inference_on_the_same_checkpoints(kaggle_dir, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    argv = ["--data", str(kaggle_dir), "--epochs", "2", "--ensemble", "2", "--tta", "--widths", "8", "16", "16",
+            "--checkpoint-dir", str(ck), "--submission", str(tmp_path / "main.csv")]
+    assert main.main(argv) == 0
+    members = [ck / "member1" / "best.pt", ck / "member2" / "best.pt"]
+    seeds = [load_checkpoint(str(path))["train_config"]["seed"] for path in members]
+    assert seeds == [0, 1]
+    assert "validation accuracy of the submitted predictor (2 model(s), TTA)" in capsys.readouterr().out
+    assert inference.main(["--checkpoint", *map(str, members), "--tta", "--input", str(kaggle_dir),
+                           "--output", str(tmp_path / "inf.csv")]) == 0
+    assert (tmp_path / "main.csv").read_bytes() == (tmp_path / "inf.csv").read_bytes()
+
+
+def test_tta_views_average_to_probabilities():
+    model = DigitRecognizerModel(ModelConfig(widths=(4, 4, 4))).eval()
+    images = make_digits(20)[0]
+    plain = inference.predict_probs([model], images, torch.device("cpu"))
+    tta = inference.predict_probs([model], images, torch.device("cpu"), tta=True)
+    assert torch.allclose(tta.sum(1), torch.ones(20), atol=1e-5) and not torch.allclose(tta, plain)
+
+
+def test_full_train_uses_every_row_and_says_so(kaggle_dir, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert main.main(["--data", str(kaggle_dir), "--epochs", "1", "--full-train", "--checkpoint-dir", str(ck),
+                      "--submission", str(tmp_path / "s.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "600 train / 0 validation" in out and "no validation split" in out
+    assert load_checkpoint(str(ck / "best.pt"))["epoch"] == 1
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 120
+
+
+def test_ema_tracks_weights_with_its_decay():
+    model = DigitRecognizerModel(ModelConfig(widths=(4, 4, 4)))
+    ema = EMA(model, decay=0.75)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for old, new in zip(before, ema.model.parameters()):
+        assert torch.allclose(new, old + 0.25)
