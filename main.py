@@ -7,6 +7,7 @@ Usage:
     python main.py --preset fast                            # about a minute on 2 CPU cores
     python main.py --resume                                 # continue checkpoints/last.pt, same flags
     python main.py --dry-run                                # one batch of everything (smoke test)
+    torchrun --nproc_per_node=2 main.py ...                 # data-parallel; see docs/distributed.md
 
 Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.csv -m "..."
 """
@@ -22,7 +23,8 @@ import torch
 from DigitRecognizerModel import CheckpointError, DigitRecognizerModel, ModelConfig
 from dataloader import AugmentConfig, DataError, DigitDataset, load_test, load_train, stratified_split
 from inference import ArgumentParser, load_models, predict_probs, user_error, write_submission
-from trainer import TrainConfig, TrainingDiverged, choose_device, train
+from trainer import (TrainConfig, TrainingDiverged, choose_device, close_distributed, init_distributed,
+                     rank_and_world_size, train)
 
 # ---------------------------------------------------------------------------- settings
 # One block: each preset is a complete recipe; explicit flags override its values.
@@ -40,7 +42,8 @@ def parse_args(argv):
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
                         help="recipe: fast = quick look, default = leaderboard run (default: default)")
     parser.add_argument("--epochs", type=int, help="epochs (default: from --preset; default preset: 30)")
-    parser.add_argument("--batch-size", type=int, help="training batch size (default: from --preset; 128)")
+    parser.add_argument("--batch-size", type=int,
+                        help="global batch size, split evenly over torchrun processes (default: from --preset; 128)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: from --preset; 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed for split, init, shuffle and augmentation (default: 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -56,6 +59,10 @@ def parse_args(argv):
             setattr(args, key, preset[key])
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         parser.error("--epochs and --batch-size must be at least 1 and --lr above 0")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if args.batch_size % world_size:
+        parser.error(f"--batch-size {args.batch_size} is the global batch; it must divide evenly "
+                     f"over the {world_size} processes")
     args.widths = preset["widths"]
     return args
 
@@ -63,24 +70,29 @@ def parse_args(argv):
 def run(args, log=print):
     """Train and write the submission; returns {'history', 'val_accuracy', 'submission', 'seconds'}."""
     started = time.perf_counter()
-    device = choose_device(args.device)
+    device = init_distributed(choose_device(args.device))
+    rank, world_size = rank_and_world_size()
+    if rank:  # rank 0 alone logs and writes files
+        log = lambda *_, **__: None
     torch.manual_seed(args.seed)
     images, labels = load_train(args.data, log=log)
     test_images = load_test(args.data, log=log)  # read (and checked) before training, not after
     train_idx, val_idx = stratified_split(labels, VAL_FRACTION, args.seed)
     full = DigitDataset(images, labels)
     train_set, val_set = full.subset(train_idx), full.subset(val_idx)
+    processes = f" in each of {world_size} processes" if world_size > 1 else ""
     log(f"data: {len(train_set):,} train / {len(val_set):,} validation / {len(test_images):,} test images; "
-        f"device {device}, {torch.get_num_threads()} threads")
+        f"device {device}, {torch.get_num_threads()} threads{processes}")
 
     model = DigitRecognizerModel(ModelConfig(widths=args.widths))
     config = TrainConfig(epochs=1 if args.dry_run else args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, augment=AugmentConfig(), max_steps_per_epoch=1 if args.dry_run else 0)
     history = train(model, train_set, val_set, config, device, args.checkpoint_dir, resume=args.resume, log=log)
 
-    best = os.path.join(args.checkpoint_dir, "best.pt")
-    probs = predict_probs(load_models([best], device), test_images, device)
-    write_submission(args.submission, probs.argmax(1))
+    if rank == 0:  # every rank ends with the same weights
+        best = os.path.join(args.checkpoint_dir, "best.pt")
+        probs = predict_probs(load_models([best], device), test_images, device)
+        write_submission(args.submission, probs.argmax(1))
     best_accuracy = max(row["val_accuracy"] for row in history)
     seconds = time.perf_counter() - started
     log(f"best validation accuracy {best_accuracy:.4f}; wrote {args.submission} "
@@ -100,9 +112,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-        print(f"\ninterrupted; resume with: python main.py --resume {' '.join(flags)}".rstrip(), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one message, not one per torchrun process
+            flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+            command = "torchrun <same options> main.py" if "WORLD_SIZE" in os.environ else "python main.py"
+            print(f"\ninterrupted; resume with: {command} --resume {' '.join(flags)}".rstrip(), file=sys.stderr)
         return 130
+    finally:
+        close_distributed()
     return 0
 
 
