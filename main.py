@@ -7,6 +7,7 @@ Usage:
     python main.py --preset fast                            # about a minute on 2 CPU cores
     python main.py --resume                                 # continue checkpoints/last.pt, same flags
     python main.py --dry-run                                # one batch of everything (smoke test)
+    torchrun --nproc_per_node=2 main.py ...                 # data-parallel; see docs/distributed.md
 
 Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.csv -m "..."
 """
@@ -15,14 +16,14 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
 from DigitRecognizerModel import CheckpointError, DigitRecognizerModel, ModelConfig
 from dataloader import AugmentConfig, DataError, DigitDataset, load_test, load_train, stratified_split
 from inference import ArgumentParser, load_models, predict_probs, user_error, write_submission
-from trainer import TrainConfig, TrainingDiverged, choose_device, train
+from trainer import (TrainConfig, TrainingDiverged, choose_device, close_distributed, init_distributed,
+                     rank_and_world_size, train)
 
 # ---------------------------------------------------------------------------- settings
 # One block: each preset is a complete recipe; explicit flags override its values.
@@ -41,7 +42,8 @@ def parse_args(argv):
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
                         help="recipe: fast = quick look, default = leaderboard run (default: default)")
     parser.add_argument("--epochs", type=int, help="epochs (default: from --preset; default preset: 30)")
-    parser.add_argument("--batch-size", type=int, help="training batch size (default: from --preset; 128)")
+    parser.add_argument("--batch-size", type=int,
+                        help="global batch size, split evenly over torchrun processes (default: from --preset; 128)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: from --preset; 0.1)")
     parser.add_argument("--widths", type=int, nargs=3, metavar=("C1", "C2", "C3"),
                         help="channels of the three conv stages (default: from --preset; 16 32 64)")
@@ -74,6 +76,10 @@ def parse_args(argv):
     if not 0 <= args.ema < 1 or args.elastic < 0:
         parser.error("--ema must be in [0, 1) and --elastic at least 0")
     args.widths = tuple(args.widths)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if args.batch_size % world_size:
+        parser.error(f"--batch-size {args.batch_size} is the global batch; it must divide evenly "
+                     f"over the {world_size} processes")
     return args
 
 
@@ -89,14 +95,18 @@ def run(args, log=print):
     val_accuracy is that of the submitted predictor (ensemble, TTA) on the validation split.
     """
     started = time.perf_counter()
-    device = choose_device(args.device)
+    device = init_distributed(choose_device(args.device))
+    rank, world_size = rank_and_world_size()
+    if rank:  # rank 0 alone logs and writes files
+        log = lambda *_, **__: None
     images, labels = load_train(args.data, log=log)
     test_images = load_test(args.data, log=log)  # read (and checked) before training, not after
     train_idx, val_idx = stratified_split(labels, 0 if args.full_train else VAL_FRACTION, args.seed)
     full = DigitDataset(images, labels)
     train_set, val_set = full.subset(train_idx), full.subset(val_idx)
+    processes = f" in each of {world_size} processes" if world_size > 1 else ""
     log(f"data: {len(train_set):,} train / {len(val_set):,} validation / {len(test_images):,} test images; "
-        f"device {device}, {torch.get_num_threads()} threads")
+        f"device {device}, {torch.get_num_threads()} threads{processes}")
     if args.full_train:
         log(f"full-train: no validation split; the model after epoch {args.epochs} is the one submitted")
 
@@ -116,15 +126,16 @@ def run(args, log=print):
         histories.append(train(model, train_set, val_set, config, device, folder, resume=resume, log=log))
         checkpoints.append(os.path.join(folder, "best.pt"))
 
-    models = load_models(checkpoints, device)
     val_accuracy = float("nan")
-    if len(val_set):
-        val_probs = predict_probs(models, val_set.images, device, tta=args.tta)
-        val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item()
-        log(f"validation accuracy of the submitted predictor ({len(models)} model(s)"
-            f"{', TTA' if args.tta else ''}): {val_accuracy:.4f}")
-    probs = predict_probs(models, test_images, device, tta=args.tta)
-    write_submission(args.submission, probs.argmax(1))
+    if rank == 0:  # every rank ends with the same weights; one writes
+        models = load_models(checkpoints, device)
+        if len(val_set):
+            val_probs = predict_probs(models, val_set.images, device, tta=args.tta)
+            val_accuracy = (val_probs.argmax(1) == val_set.labels.to(val_probs.device)).float().mean().item()
+            log(f"validation accuracy of the submitted predictor ({len(models)} model(s)"
+                f"{', TTA' if args.tta else ''}): {val_accuracy:.4f}")
+        probs = predict_probs(models, test_images, device, tta=args.tta)
+        write_submission(args.submission, probs.argmax(1))
     seconds = time.perf_counter() - started
     log(f"wrote {args.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
     return {"histories": histories, "val_accuracy": val_accuracy, "checkpoints": checkpoints,
@@ -143,9 +154,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-        print(f"\ninterrupted; resume with: python main.py --resume {' '.join(flags)}".rstrip(), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one message, not one per torchrun process
+            flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+            command = "torchrun <same options> main.py" if "WORLD_SIZE" in os.environ else "python main.py"
+            print(f"\ninterrupted; resume with: {command} --resume {' '.join(flags)}".rstrip(), file=sys.stderr)
         return 130
+    finally:
+        close_distributed()
     return 0
 
 

@@ -4,6 +4,11 @@ The whole training set lives on the device as one uint8 tensor; each epoch is a
 `randperm` cut into batch slices, augmented as a batch on the device. Every epoch's
 shuffle, augmentation and dropout are seeded from (seed, epoch), so a run resumed from
 `last.pt` repeats exactly what the uninterrupted run would have done.
+
+Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel: every
+rank draws the same per-epoch permutation and trains on its own equal slice of it, with
+its own augmentation and dropout; `batch_size` stays the global batch. Validation is
+sharded too and its sums all-reduced; only rank 0 writes files.
 """
 
 import copy
@@ -14,7 +19,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, save_checkpoint
 from dataloader import AugmentConfig, DigitDataset, atomic_write_text, augment
@@ -47,6 +54,54 @@ def choose_device(name="auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     return torch.device(name)
+
+
+def init_distributed(device):
+    """Join torchrun's process group when WORLD_SIZE > 1; returns this process's device.
+
+    Plain `python main.py` (no WORLD_SIZE) gets no process group and the device unchanged.
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return device
+    # torch obeys OMP_NUM_THREADS, which torchrun sets to 1 when it starts several processes
+    # per node (unless the user set it); without it, the node's cores are shared out.
+    if "OMP_NUM_THREADS" not in os.environ:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_processes))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device
+
+
+def close_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_and_world_size():
+    """(rank, world size); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_ranks(values, device):
+    """A float64 tensor of the numbers in `values`, each summed over the ranks."""
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total
+
+
+def _merge_validation(val, device):
+    """Loss and accuracy over every rank's disjoint validation shard (each sample once)."""
+    count = len(val["predictions"])
+    total = _sum_over_ranks([val["loss"] * count, val["accuracy"] * count, count] if count else [0.0] * 3, device)
+    loss, accuracy = (total[:2] / total[2]).tolist()  # NaN when the validation set is empty
+    return {"loss": loss, "accuracy": accuracy}
 
 
 def eval_batch_size(device):
@@ -134,11 +189,18 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
 
     Writes `last.pt` after every epoch (resumable) and `best.pt` whenever validation
     accuracy reaches a new best (every epoch when there is no validation set).
+    In a process group, `config.batch_size` is the global batch (main.py checks that
+    it divides by the world size) and only rank 0 writes.
     """
-    progress = sys.stderr.isatty() if progress is None else progress
+    rank, world_size = rank_and_world_size()
+    progress = (sys.stderr.isatty() if progress is None else progress) and rank == 0
     model.to(device).to(memory_format=torch.channels_last)
     train_set, val_set = train_set.to(device), val_set.to(device)
-    steps_per_epoch = max(1, len(train_set) // config.batch_size)  # last partial batch dropped
+    # Equal disjoint shards, so every rank runs the same number of steps; with the global
+    # batch split evenly, the step count and LR schedule do not depend on the world size.
+    batch_size, shard_size = config.batch_size // world_size, len(train_set) // world_size
+    val_shard = val_set.subset(slice(rank * len(val_set) // world_size, (rank + 1) * len(val_set) // world_size))
+    steps_per_epoch = max(1, shard_size // batch_size)  # last partial batch dropped
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
@@ -169,29 +231,40 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
         log(f"resumed from {last_path} after epoch {start_epoch}/{config.epochs}")
 
     def save_last(epoch):
-        save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        ema=ema.model.state_dict() if ema else None, epoch=epoch, history=history,
-                        best_accuracy=best_accuracy, train_config=asdict(config))
+        if rank == 0:
+            save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            ema=ema.model.state_dict() if ema else None, epoch=epoch, history=history,
+                            best_accuracy=best_accuracy, train_config=asdict(config))
 
     if start_epoch == 0:
         save_last(0)  # so an interrupt during the first epoch still leaves something to resume
+    # Per-rank BatchNorm, not SyncBatchNorm: each rank normalises over its own batch_size
+    # images, as is standard for DDP, sparing a collective per BN layer per pass.
+    # `model` stays unwrapped for evaluation, EMA and checkpoints (plain state_dict keys).
+    net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+           if world_size > 1 else model)
 
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
-        model.train()
-        torch.manual_seed(config.seed * 1000 + epoch)  # dropout
-        generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + epoch)
-        order = torch.randperm(len(train_set), generator=generator, device=device)
+        net.train()
+        epoch_seed = config.seed * 1000 + epoch
+        rank_seed = epoch_seed + (rank << 32)  # == epoch_seed on rank 0 and in a single process
+        torch.manual_seed(rank_seed)  # dropout
+        generator = torch.Generator(device=device).manual_seed(epoch_seed)
+        order = torch.randperm(len(train_set), generator=generator, device=device)  # the same on every rank
+        order = order[rank * shard_size:(rank + 1) * shard_size]
+        if rank:
+            generator.manual_seed(rank_seed)  # augmentation differs per rank
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         steps = _progress(range(steps_per_epoch), progress, desc=f"epoch {epoch + 1}/{config.epochs}")
         for step in steps:
-            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
+            batch = order[step * batch_size:(step + 1) * batch_size]
             x = train_set.images[batch].float().div_(255)  # (B, 1, 28, 28) in [0, 1]
             x = augment(x, config.augment, generator).contiguous(memory_format=torch.channels_last)
             y = train_set.labels[batch]
             with autocast(device):
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -203,18 +276,26 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
             correct += (logits.argmax(1) == y).sum()
             if progress and step % 20 == 0:
                 steps.set_postfix(loss=f"{loss.item():.3f}")
-        train_loss = loss_sum.item() / steps_per_epoch
+        loss_sum, correct = loss_sum.item(), correct.item()
+        if world_size > 1:  # every rank gets the same numbers, so all stop together on NaN
+            loss_sum, correct = _sum_over_ranks([loss_sum, correct], device).tolist()
+        train_loss = loss_sum / (steps_per_epoch * world_size)
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
                 f"loss became {train_loss} in epoch {epoch + 1}; lower --lr (now {config.lr}). "
                 f"The last good weights are in {best_path}")
         eval_model = ema.model if ema is not None else model
-        val = evaluate(eval_model, val_set, device, max_batches=1 if config.max_steps_per_epoch else 0)
+        if world_size > 1:  # the ranks' last BatchNorm updates differ: evaluate rank 0's, which is saved
+            for buffer in eval_model.buffers():
+                dist.broadcast(buffer, src=0)
+        val = evaluate(eval_model, val_shard, device, max_batches=1 if config.max_steps_per_epoch else 0)
+        if world_size > 1:
+            val = _merge_validation(val, device)
         seconds = time.perf_counter() - started
         row = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
-            "train_accuracy": correct.item() / (steps_per_epoch * config.batch_size),
+            "train_accuracy": correct / (steps_per_epoch * config.batch_size),
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "lr": optimizer.param_groups[0]["lr"],
@@ -224,10 +305,12 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
         improved = len(val_set) == 0 or val["accuracy"] >= best_accuracy
         if improved:
             best_accuracy = val["accuracy"] if len(val_set) else best_accuracy
-            save_checkpoint(best_path, eval_model, epoch=epoch + 1, val_accuracy=val["accuracy"],
-                            train_config=asdict(config))
+            if rank == 0:
+                save_checkpoint(best_path, eval_model, epoch=epoch + 1, val_accuracy=val["accuracy"],
+                                train_config=asdict(config))
         save_last(epoch + 1)
-        write_history(os.path.join(checkpoint_dir, "history.csv"), history)
+        if rank == 0:
+            write_history(os.path.join(checkpoint_dir, "history.csv"), history)
         log(f"epoch {epoch + 1:3d}/{config.epochs}  train loss {train_loss:.4f} acc {row['train_accuracy']:.4f}  "
             f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}{' *' if improved else ''}  "
             f"{seconds:.1f}s  {steps_per_epoch * config.batch_size / seconds:,.0f} img/s")

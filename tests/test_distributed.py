@@ -1,0 +1,74 @@
+"""torchrun with 2 CPU processes (gloo) against a plain single-process run, on synthetic data.
+
+The synthetic classes (conftest.make_digits) are easy enough that two epochs of the fast
+preset learn them, so both runs should reach the same accuracy.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import main
+from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
+from conftest import ROOT, make_digits, write_csv
+
+TRAIN_ROWS, TEST_ROWS = 2000, 50
+FLAGS = ["--preset", "fast", "--epochs", "2", "--batch-size", "32"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_csv(folder / "train.csv", *make_digits(TRAIN_ROWS, seed=1))
+    write_csv(folder / "test.csv", make_digits(TEST_ROWS, seed=2)[0])
+    return folder
+
+
+def train(data_dir, out, launcher, *extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # One thread per process: the test compares accuracy, and two threads on a busy
+    # 2-core machine spin-wait (10x slower here).
+    env["OMP_NUM_THREADS"] = "1"
+    command = launcher + ["main.py", "--data", str(data_dir), "--checkpoint-dir", str(out / "ck"),
+                          "--submission", str(out / "sub.csv"), *FLAGS, *extra]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_two_processes_match_one(data_dir, tmp_path):
+    result = train(data_dir, tmp_path / "ddp", TORCHRUN)
+    train(data_dir, tmp_path / "single", [sys.executable])
+
+    # Rank 0 alone writes: one checkpoint set, one history, one submission, one log.
+    assert sorted(os.listdir(tmp_path / "ddp" / "ck")) == ["best.pt", "history.csv", "last.pt"]
+    assert len((tmp_path / "ddp" / "sub.csv").read_text().splitlines()) == TEST_ROWS + 1
+    assert len((tmp_path / "ddp" / "ck" / "history.csv").read_text().splitlines()) == 3
+    assert result.stdout.count("validation accuracy of the submitted predictor") == 1
+    assert "in each of 2 processes" in result.stdout
+
+    # Checkpoints hold the unwrapped model: they load in plain single-process inference.
+    best = load_checkpoint(str(tmp_path / "ddp" / "ck" / "best.pt"))
+    assert not any(key.startswith("module.") for key in best["model"])
+    model_from_checkpoint(best)
+
+    single = load_checkpoint(str(tmp_path / "single" / "ck" / "best.pt"))
+    assert single["val_accuracy"] > 0.9
+    assert abs(best["val_accuracy"] - single["val_accuracy"]) <= 0.03
+
+    # Every rank loads last.pt; the run is complete, so it only rewrites the submission.
+    (tmp_path / "ddp" / "sub.csv").unlink()
+    resumed = train(data_dir, tmp_path / "ddp", TORCHRUN, "--resume")
+    assert resumed.stdout.count("resumed from") == 1
+    assert len((tmp_path / "ddp" / "sub.csv").read_text().splitlines()) == TEST_ROWS + 1
+
+
+def test_batch_size_must_divide_over_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(["--batch-size", "128"])
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
