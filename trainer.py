@@ -77,12 +77,13 @@ def predict_logits(model, images, device, batch_size=None, transform=None):
 
 
 def evaluate(model, dataset: DigitDataset, device, max_batches=0):
-    """{'loss', 'accuracy', 'predictions'} of `model` on a labelled dataset."""
+    """{'loss', 'accuracy', 'predictions' (N,), 'probabilities' (N, classes)} on a labelled dataset.
+
+    Loss and accuracy are NaN for an empty dataset; predictions and probabilities are on the CPU.
+    """
     images, labels = dataset.images, dataset.labels
     if max_batches:
         images, labels = images[:max_batches * eval_batch_size(device)], labels[:max_batches * eval_batch_size(device)]
-    if len(images) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "predictions": labels}
     logits = predict_logits(model, images, device)
     labels = labels.to(logits.device)
     predictions = logits.argmax(1)
@@ -90,6 +91,7 @@ def evaluate(model, dataset: DigitDataset, device, max_batches=0):
         "loss": F.cross_entropy(logits, labels).item(),
         "accuracy": (predictions == labels).float().mean().item(),
         "predictions": predictions.cpu(),
+        "probabilities": logits.softmax(1).cpu(),
     }
 
 
@@ -125,7 +127,16 @@ def _progress(iterable, enabled, **kwargs):
     if not enabled:
         return iterable
     from tqdm import tqdm
-    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, dynamic_ncols=True, **{"leave": False, **kwargs})
+
+
+def _log_over_bars(log, message, progress):
+    """`log` a line without tearing the progress bars on the terminal."""
+    if not progress:
+        return log(message)
+    from tqdm import tqdm
+    with tqdm.external_write_mode():
+        log(message)
 
 
 def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainConfig, device,
@@ -134,6 +145,8 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
 
     Writes `last.pt` after every epoch (resumable) and `best.pt` whenever validation
     accuracy reaches a new best (every epoch when there is no validation set).
+    `progress`: draw tqdm bars for epochs and batches; None = only when stderr is a terminal.
+    `log` gets one line per epoch; pass a no-op (and progress=False) for a silent run.
     """
     progress = sys.stderr.isatty() if progress is None else progress
     model.to(device).to(memory_format=torch.channels_last)
@@ -176,7 +189,9 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
     if start_epoch == 0:
         save_last(0)  # so an interrupt during the first epoch still leaves something to resume
 
-    for epoch in range(start_epoch, config.epochs):
+    epochs = _progress(range(start_epoch, config.epochs), progress, desc="training", unit="epoch",
+                       initial=start_epoch, total=config.epochs, leave=True)
+    for epoch in epochs:
         started = time.perf_counter()
         model.train()
         torch.manual_seed(config.seed * 1000 + epoch)  # dropout
@@ -184,7 +199,9 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
         order = torch.randperm(len(train_set), generator=generator, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        steps = _progress(range(steps_per_epoch), progress, desc=f"epoch {epoch + 1}/{config.epochs}")
+        # unit_scale makes tqdm count and rate images (img/s), not batches.
+        steps = _progress(range(steps_per_epoch), progress, desc=f"epoch {epoch + 1}/{config.epochs}",
+                          unit="img", unit_scale=config.batch_size)
         for step in steps:
             batch = order[step * config.batch_size:(step + 1) * config.batch_size]
             x = train_set.images[batch].float().div_(255)  # (B, 1, 28, 28) in [0, 1]
@@ -201,8 +218,9 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
                 ema.update(model)
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
-            if progress and step % 20 == 0:
-                steps.set_postfix(loss=f"{loss.item():.3f}")
+            if progress and step % 20 == 0:  # .item() waits for the device: not every step
+                steps.set_postfix({"loss": f"{loss_sum.item() / (step + 1):.3f}",
+                                   "acc": f"{correct.item() / ((step + 1) * config.batch_size):.3f}"})
         train_loss = loss_sum.item() / steps_per_epoch
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
@@ -211,6 +229,7 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
         eval_model = ema.model if ema is not None else model
         val = evaluate(eval_model, val_set, device, max_batches=1 if config.max_steps_per_epoch else 0)
         seconds = time.perf_counter() - started
+        images_per_second = steps_per_epoch * config.batch_size / seconds
         row = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
@@ -228,7 +247,10 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
                             train_config=asdict(config))
         save_last(epoch + 1)
         write_history(os.path.join(checkpoint_dir, "history.csv"), history)
-        log(f"epoch {epoch + 1:3d}/{config.epochs}  train loss {train_loss:.4f} acc {row['train_accuracy']:.4f}  "
-            f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}{' *' if improved else ''}  "
-            f"{seconds:.1f}s  {steps_per_epoch * config.batch_size / seconds:,.0f} img/s")
+        if progress:
+            epochs.set_postfix({"loss": f"{train_loss:.3f}", "acc": f"{row['train_accuracy']:.3f}",
+                                "val_acc": f"{val['accuracy']:.4f}", "img/s": f"{images_per_second:,.0f}"})
+        _log_over_bars(log, f"epoch {epoch + 1:3d}/{config.epochs}  train loss {train_loss:.4f} "
+                       f"acc {row['train_accuracy']:.4f}  val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
+                       f"{' *' if improved else ''}  {seconds:.1f}s  {images_per_second:,.0f} img/s", progress)
     return history
