@@ -7,7 +7,10 @@ Usage:
     python main.py --preset fast                            # about a minute on 2 CPU cores
     python main.py --resume                                 # continue checkpoints/last.pt, same flags
     python main.py --dry-run                                # one batch of everything (smoke test)
+    python main.py --quiet --report ''                      # no bars, no per-epoch lines, no report
 
+After training, reports/ holds learning curves, the validation confusion matrix, the
+most confident mistakes, augmented samples and per_class_accuracy.csv for best.pt.
 Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.csv -m "..."
 """
 
@@ -22,7 +25,8 @@ import torch
 from DigitRecognizerModel import CheckpointError, DigitRecognizerModel, ModelConfig
 from dataloader import AugmentConfig, DataError, DigitDataset, load_test, load_train, stratified_split
 from inference import ArgumentParser, load_models, predict_probs, user_error, write_submission
-from trainer import TrainConfig, TrainingDiverged, choose_device, train
+from report import prepare_report_dir, write_report
+from trainer import TrainConfig, TrainingDiverged, choose_device, evaluate, train
 
 # ---------------------------------------------------------------------------- settings
 # One block: each preset is a complete recipe; explicit flags override its values.
@@ -49,6 +53,12 @@ def parse_args(argv):
     parser.add_argument("--submission", default="final_submission.csv", help="submission path (default: final_submission.csv)")
     parser.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt (default: off)")
     parser.add_argument("--dry-run", action="store_true", help="one batch of training and validation, one epoch (default: off)")
+    parser.add_argument("--report", default="reports/", metavar="DIR",
+                        help="after training, write plots and per_class_accuracy.csv for best.pt on the "
+                             "validation split here; '' = no report (default: reports/)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars and no per-epoch lines; bars are also off whenever stderr "
+                             "is not a terminal (default: off)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     for key in ("epochs", "batch_size", "lr"):
@@ -61,9 +71,11 @@ def parse_args(argv):
 
 
 def run(args, log=print):
-    """Train and write the submission; returns {'history', 'val_accuracy', 'submission', 'seconds'}."""
+    """Train, write the submission and the report; returns {'history', 'val_accuracy', 'submission', 'seconds'}."""
     started = time.perf_counter()
     device = choose_device(args.device)
+    if args.report:
+        prepare_report_dir(args.report)
     torch.manual_seed(args.seed)
     images, labels = load_train(args.data, log=log)
     test_images = load_test(args.data, log=log)  # read (and checked) before training, not after
@@ -76,11 +88,17 @@ def run(args, log=print):
     model = DigitRecognizerModel(ModelConfig(widths=args.widths))
     config = TrainConfig(epochs=1 if args.dry_run else args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, augment=AugmentConfig(), max_steps_per_epoch=1 if args.dry_run else 0)
-    history = train(model, train_set, val_set, config, device, args.checkpoint_dir, resume=args.resume, log=log)
+    # progress=None: bars only when stderr is a terminal; --quiet also drops the per-epoch lines.
+    history = train(model, train_set, val_set, config, device, args.checkpoint_dir, resume=args.resume,
+                    log=(lambda message: None) if args.quiet else log, progress=False if args.quiet else None)
 
-    best = os.path.join(args.checkpoint_dir, "best.pt")
-    probs = predict_probs(load_models([best], device), test_images, device)
+    (best_model,) = load_models([os.path.join(args.checkpoint_dir, "best.pt")], device)
+    probs = predict_probs([best_model], test_images, device)
     write_submission(args.submission, probs.argmax(1))
+    if args.report:
+        val = evaluate(best_model, val_set, device)
+        write_report(args.report, val_set, val["probabilities"], history=history, augment_config=config.augment,
+                     train_set=train_set, log=log)
     best_accuracy = max(row["val_accuracy"] for row in history)
     seconds = time.perf_counter() - started
     log(f"best validation accuracy {best_accuracy:.4f}; wrote {args.submission} "
