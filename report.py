@@ -67,7 +67,7 @@ def format_per_class(rows):
     for r in rows:
         confused = f"{r['most_confused_with']} ({r['confused_count']}x)" if r["confused_count"] else "-"
         lines.append(f"{r['digit']:>5}  {r['images']:>6}  {r['correct']:>7}  {r['accuracy']:>8.4f}  {confused}")
-    lines.append(f"{'all':>5}  {images:>6}  {correct:>7}  {correct / max(images, 1):>8.4f}")
+    lines.append(f"{'all':>5}  {images:>6}  {correct:>7}  {correct / images if images else float('nan'):>8.4f}")
     return "\n".join(lines)
 
 
