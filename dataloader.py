@@ -8,7 +8,6 @@ Augmentation is a batched random affine warp (rotation, scale, shear, shift) plu
 optional elastic distortion, done with `affine_grid`/`grid_sample` on the training device.
 """
 
-import io
 import math
 import os
 import tempfile
@@ -25,6 +24,8 @@ IMAGE_SIDE = 28
 NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(NUM_PIXELS)]
 CHUNK_ROWS = 8192  # rows per pandas chunk: bounded memory (~50 MB of int64) at full speed
+_UMASK = os.umask(0o022)  # os.umask can only be read by setting it: set it back at once
+os.umask(_UMASK)
 
 
 class DataError(Exception):
@@ -163,18 +164,24 @@ def load_test(path, log=print):
     return load_digit_csv(path, "test.csv", labelled=False, log=log)[0]
 
 
-def atomic_write_text(path, text):
-    """Write `text` to `path` via a temp file in the same folder and a rename: never torn."""
+def atomic_write_bytes(path, data: bytes):
+    """Write `data` to `path` via a temp file in the same folder and a rename: never torn."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
-        with io.open(fd, "w", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         os.unlink(tmp_path)
         raise
+
+
+def atomic_write_text(path, text):
+    """`atomic_write_bytes` for text, written as UTF-8 with newlines untranslated."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- dataset

@@ -4,18 +4,24 @@ Usage:
     python inference.py --checkpoint checkpoints/best.pt
     python inference.py --checkpoint checkpoints/best.pt --input ../shared/data/digit-recognizer.zip
     python inference.py --checkpoint a/best.pt b/best.pt --tta --output ensemble.csv
+    python inference.py --checkpoint checkpoints/best.pt --input ../shared/data/digit-recognizer.zip --report reports/
 
 Several checkpoints are an ensemble: their softmax outputs are averaged. The test file
-is read in chunks, so memory stays bounded however many rows it has.
+is read in chunks, so memory stays bounded however many rows it has. With --report the
+input is a labelled, train.csv-shaped file: it is scored and reported on instead of
+predicted for Kaggle (no submission is written). Scored on the whole train.csv, a
+checkpoint is judged mostly on images it was trained on: expect optimistic numbers.
 """
 
 import argparse
+import os
 import sys
 
 import torch
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, model_from_checkpoint
-from dataloader import DataError, atomic_write_text, iter_digit_csv, warp
+from dataloader import DataError, DigitDataset, atomic_write_text, iter_digit_csv, load_digit_csv, warp
+from report import prepare_report_dir, write_report
 from trainer import choose_device, predict_logits
 
 # Test-time augmentation: the image itself plus fixed small shifts (pixels) and rotations
@@ -63,6 +69,18 @@ def predict_file(models, input_path, device, tta=False, log=print):
     return torch.cat(parts)
 
 
+def report_file(models, input_path, report_dir, device, tta=False, log=print):
+    """Score a labelled CSV and write the report into `report_dir`; returns (probabilities, paths)."""
+    prepare_report_dir(report_dir)
+    try:
+        images, labels = load_digit_csv(input_path, "train.csv", labelled=True, log=log)
+    except DataError as e:
+        raise DataError(f"--report needs labelled input: {e}") from None
+    probs = predict_probs(models, images, device, tta)
+    name = os.path.basename(os.path.normpath(input_path))
+    return probs, write_report(report_dir, DigitDataset(images, labels), probs, name=name, log=log)
+
+
 def write_submission(path, predictions):
     """Kaggle submission: header ImageId,Label; ImageId counts from 1."""
     lines = ["ImageId,Label"] + [f"{i},{label}" for i, label in enumerate(predictions.tolist(), start=1)]
@@ -76,17 +94,28 @@ def write_probabilities(path, probs):
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description="Write a Kaggle submission from trained checkpoints.")
+    parser = ArgumentParser(description="Write a Kaggle submission from trained checkpoints, "
+                                        "or (--report) score them on a labelled file.")
     parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
                         help="one or more checkpoints; several are averaged as an ensemble (required)")
-    parser.add_argument("--input", default="data/test.csv",
-                        help="test.csv, test.csv.gz, a folder holding it, or the Kaggle zip (default: data/test.csv)")
-    parser.add_argument("--output", default="final_submission.csv", help="submission path (default: final_submission.csv)")
+    parser.add_argument("--input", default=None,
+                        help="test.csv, test.csv.gz, a folder holding it, or the Kaggle zip; with --report a "
+                             "labelled train.csv-shaped file, folder or zip "
+                             "(default: data/test.csv; with --report: data/train.csv)")
+    parser.add_argument("--output", default=None, help="submission path (default: final_submission.csv)")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="score the labelled --input instead of writing a submission, and write the confusion "
+                             "matrix, worst errors and per_class_accuracy.csv here (default: off)")
     parser.add_argument("--probs", default=None, metavar="PATH",
                         help="also write per-class probabilities ImageId,p0..p9 here (default: off)")
     parser.add_argument("--tta", action="store_true", help="average over shifted/rotated views (default: off)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.report and args.output:
+        parser.error("--report scores a labelled file and writes no submission; drop --output")
+    args.input = args.input or ("data/train.csv" if args.report else "data/test.csv")
+    args.output = args.output or "final_submission.csv"
+    return args
 
 
 def main(argv=None) -> int:
@@ -94,13 +123,17 @@ def main(argv=None) -> int:
     try:
         device = choose_device(args.device)
         models = load_models(args.checkpoint, device)
-        probs = predict_file(models, args.input, device, tta=args.tta)
+        if args.report:
+            probs, _ = report_file(models, args.input, args.report, device, tta=args.tta)
+        else:
+            probs = predict_file(models, args.input, device, tta=args.tta)
     except (DataError, CheckpointError, ValueError) as e:
         return user_error(e)
-    write_submission(args.output, probs.argmax(1))
+    if not args.report:
+        write_submission(args.output, probs.argmax(1))
+        print(f"wrote {args.output} ({len(probs):,} rows) from {len(models)} checkpoint(s)")
     if args.probs:
         write_probabilities(args.probs, probs)
-    print(f"wrote {args.output} ({len(probs):,} rows) from {len(models)} checkpoint(s)")
     return 0
 
 

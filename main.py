@@ -8,7 +8,10 @@ Usage:
     python main.py --resume                                 # continue checkpoints/last.pt, same flags
     python main.py --dry-run                                # one batch of everything (smoke test)
     torchrun --nproc_per_node=2 main.py ...                 # data-parallel; see docs/distributed.md
+    python main.py --quiet --report ''                      # no bars, no per-epoch lines, no report
 
+After training, reports/ holds learning curves, the validation confusion matrix, the
+most confident mistakes, augmented samples and per_class_accuracy.csv for best.pt.
 Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.csv -m "..."
 """
 
@@ -22,6 +25,7 @@ import torch
 from DigitRecognizerModel import CheckpointError, DigitRecognizerModel, ModelConfig
 from dataloader import AugmentConfig, DataError, DigitDataset, load_test, load_train, stratified_split
 from inference import ArgumentParser, load_models, predict_probs, user_error, write_submission
+from report import prepare_report_dir, write_report
 from trainer import (TrainConfig, TrainingDiverged, choose_device, close_distributed, init_distributed,
                      rank_and_world_size, train)
 
@@ -66,6 +70,12 @@ def parse_args(argv):
     parser.add_argument("--submission", default="final_submission.csv", help="submission path (default: final_submission.csv)")
     parser.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt (default: off)")
     parser.add_argument("--dry-run", action="store_true", help="one batch of training and validation, one epoch (default: off)")
+    parser.add_argument("--report", default="reports/", metavar="DIR",
+                        help="after training, write plots and per_class_accuracy.csv for best.pt on the "
+                             "validation split here; '' = no report (default: reports/)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars and no per-epoch lines; bars are also off whenever stderr "
+                             "is not a terminal (default: off)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     for key, value in preset.items():
@@ -91,7 +101,7 @@ def member_dir(args, member):
 def run(args, log=print):
     """Train, then write the submission.
 
-    Returns {'histories', 'val_accuracy', 'checkpoints', 'submission', 'seconds'}, where
+    Also writes the report on the validation split. Returns {'histories', 'val_accuracy', 'checkpoints', 'submission', 'seconds'}, where
     val_accuracy is that of the submitted predictor (ensemble, TTA) on the validation split.
     """
     started = time.perf_counter()
@@ -99,6 +109,8 @@ def run(args, log=print):
     rank, world_size = rank_and_world_size()
     if rank:  # rank 0 alone logs and writes files
         log = lambda *_, **__: None
+    if args.report and rank == 0:
+        prepare_report_dir(args.report)
     images, labels = load_train(args.data, log=log)
     test_images = load_test(args.data, log=log)  # read (and checked) before training, not after
     train_idx, val_idx = stratified_split(labels, 0 if args.full_train else VAL_FRACTION, args.seed)
@@ -123,19 +135,24 @@ def run(args, log=print):
                              max_steps_per_epoch=1 if args.dry_run else 0)
         # A resumed ensemble continues the member that was cut off and starts the ones never begun.
         resume = args.resume and (member == 0 or os.path.exists(os.path.join(folder, "last.pt")))
-        histories.append(train(model, train_set, val_set, config, device, folder, resume=resume, log=log))
+        # progress=None: bars only when stderr is a terminal; --quiet also drops the per-epoch lines.
+        histories.append(train(model, train_set, val_set, config, device, folder, resume=resume,
+                               log=(lambda message: None) if args.quiet else log,
+                               progress=False if args.quiet else None))
         checkpoints.append(os.path.join(folder, "best.pt"))
 
     val_accuracy = float("nan")
     if rank == 0:  # every rank ends with the same weights; one writes
         models = load_models(checkpoints, device)
+        val_probs = predict_probs(models, val_set.images, device, tta=args.tta)  # (0, 10) under --full-train
         if len(val_set):
-            val_probs = predict_probs(models, val_set.images, device, tta=args.tta)
-            val_accuracy = (val_probs.argmax(1) == val_set.labels.to(val_probs.device)).float().mean().item()
+            val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item()
             log(f"validation accuracy of the submitted predictor ({len(models)} model(s)"
                 f"{', TTA' if args.tta else ''}): {val_accuracy:.4f}")
         probs = predict_probs(models, test_images, device, tta=args.tta)
         write_submission(args.submission, probs.argmax(1))
+        if args.report:
+            write_report(args.report, val_set, val_probs, history=histories[-1], augment_config=config.augment, train_set=train_set, log=log)
     seconds = time.perf_counter() - started
     log(f"wrote {args.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
     return {"histories": histories, "val_accuracy": val_accuracy, "checkpoints": checkpoints,

@@ -132,12 +132,13 @@ def predict_logits(model, images, device, batch_size=None, transform=None):
 
 
 def evaluate(model, dataset: DigitDataset, device, max_batches=0):
-    """{'loss', 'accuracy', 'predictions'} of `model` on a labelled dataset."""
+    """{'loss', 'accuracy', 'predictions' (N,), 'probabilities' (N, classes)} on a labelled dataset.
+
+    Loss and accuracy are NaN for an empty dataset; predictions and probabilities are on the CPU.
+    """
     images, labels = dataset.images, dataset.labels
     if max_batches:
         images, labels = images[:max_batches * eval_batch_size(device)], labels[:max_batches * eval_batch_size(device)]
-    if len(images) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "predictions": labels}
     logits = predict_logits(model, images, device)
     labels = labels.to(logits.device)
     predictions = logits.argmax(1)
@@ -145,6 +146,7 @@ def evaluate(model, dataset: DigitDataset, device, max_batches=0):
         "loss": F.cross_entropy(logits, labels).item(),
         "accuracy": (predictions == labels).float().mean().item(),
         "predictions": predictions.cpu(),
+        "probabilities": logits.softmax(1).cpu(),
     }
 
 
@@ -180,7 +182,16 @@ def _progress(iterable, enabled, **kwargs):
     if not enabled:
         return iterable
     from tqdm import tqdm
-    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, dynamic_ncols=True, **{"leave": False, **kwargs})
+
+
+def _log_over_bars(log, message, progress):
+    """`log` a line without tearing the progress bars on the terminal."""
+    if not progress:
+        return log(message)
+    from tqdm import tqdm
+    with tqdm.external_write_mode():
+        log(message)
 
 
 def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainConfig, device,
@@ -191,6 +202,8 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
     accuracy reaches a new best (every epoch when there is no validation set).
     In a process group, `config.batch_size` is the global batch (main.py checks that
     it divides by the world size) and only rank 0 writes.
+    `progress`: draw tqdm bars for epochs and batches; None = only when stderr is a terminal.
+    `log` gets one line per epoch; pass a no-op (and progress=False) for a silent run.
     """
     rank, world_size = rank_and_world_size()
     progress = (sys.stderr.isatty() if progress is None else progress) and rank == 0
@@ -244,7 +257,9 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
     net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if world_size > 1 else model)
 
-    for epoch in range(start_epoch, config.epochs):
+    epochs = _progress(range(start_epoch, config.epochs), progress, desc="training", unit="epoch",
+                       initial=start_epoch, total=config.epochs, leave=True)
+    for epoch in epochs:
         started = time.perf_counter()
         net.train()
         epoch_seed = config.seed * 1000 + epoch
@@ -257,7 +272,9 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
             generator.manual_seed(rank_seed)  # augmentation differs per rank
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        steps = _progress(range(steps_per_epoch), progress, desc=f"epoch {epoch + 1}/{config.epochs}")
+        # unit_scale makes tqdm count and rate images (img/s), not batches.
+        steps = _progress(range(steps_per_epoch), progress, desc=f"epoch {epoch + 1}/{config.epochs}",
+                          unit="img", unit_scale=config.batch_size)
         for step in steps:
             batch = order[step * batch_size:(step + 1) * batch_size]
             x = train_set.images[batch].float().div_(255)  # (B, 1, 28, 28) in [0, 1]
@@ -274,8 +291,9 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
                 ema.update(model)
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
-            if progress and step % 20 == 0:
-                steps.set_postfix(loss=f"{loss.item():.3f}")
+            if progress and step % 20 == 0:  # .item() waits for the device: not every step
+                steps.set_postfix({"loss": f"{loss_sum.item() / (step + 1):.3f}",
+                                   "acc": f"{correct.item() / ((step + 1) * config.batch_size):.3f}"})
         loss_sum, correct = loss_sum.item(), correct.item()
         if world_size > 1:  # every rank gets the same numbers, so all stop together on NaN
             loss_sum, correct = _sum_over_ranks([loss_sum, correct], device).tolist()
@@ -292,6 +310,7 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
         if world_size > 1:
             val = _merge_validation(val, device)
         seconds = time.perf_counter() - started
+        images_per_second = steps_per_epoch * config.batch_size / seconds
         row = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
@@ -311,7 +330,10 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
         save_last(epoch + 1)
         if rank == 0:
             write_history(os.path.join(checkpoint_dir, "history.csv"), history)
-        log(f"epoch {epoch + 1:3d}/{config.epochs}  train loss {train_loss:.4f} acc {row['train_accuracy']:.4f}  "
-            f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}{' *' if improved else ''}  "
-            f"{seconds:.1f}s  {steps_per_epoch * config.batch_size / seconds:,.0f} img/s")
+        if progress:
+            epochs.set_postfix({"loss": f"{train_loss:.3f}", "acc": f"{row['train_accuracy']:.3f}",
+                                "val_acc": f"{val['accuracy']:.4f}", "img/s": f"{images_per_second:,.0f}"})
+        _log_over_bars(log, f"epoch {epoch + 1:3d}/{config.epochs}  train loss {train_loss:.4f} "
+                       f"acc {row['train_accuracy']:.4f}  val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
+                       f"{' *' if improved else ''}  {seconds:.1f}s  {images_per_second:,.0f} img/s", progress)
     return history
