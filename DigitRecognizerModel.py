@@ -28,7 +28,7 @@ class CheckpointError(Exception):
 
 @dataclass
 class ModelConfig:
-    widths: tuple = (16, 32, 64)  # channels of the 28x28, 14x14 and 7x7 stages
+    widths: tuple = (16, 32, 128)  # channels of the 28x28, 14x14 and 5x5 stages
     dropout: float = 0.1  # before the classifier
     num_classes: int = 10
 
@@ -46,7 +46,7 @@ class DigitRecognizerModel(nn.Module):
     """Two conv-conv-pool stages and a valid 3x3 conv, then a linear classifier.
 
     Input: float images in [0, 1], shape (N, 1, 28, 28). Output: logits (N, classes).
-    At widths (16, 32, 64): 51k parameters, 5.1M multiply-adds per image.
+    At widths (16, 32, 128): 86k parameters, 5.6M multiply-adds per image.
     """
 
     def __init__(self, config: ModelConfig):

@@ -31,10 +31,14 @@ from trainer import (TrainConfig, TrainingDiverged, choose_device, close_distrib
 
 # ---------------------------------------------------------------------------- settings
 # One block: each preset is a complete recipe; explicit flags override its values.
+# Validation accuracy, seed 0 split, 30 epochs: widths (16, 32, 64) 0.9964, (16, 32, 128) 0.9969
+# at the same speed (the extra channels sit at 5x5).
 PRESETS = {
-    "fast": dict(epochs=4, batch_size=128, lr=0.1, widths=(16, 32, 64), ema=0.0, elastic=0.0, ensemble=1, tta=False),
-    "default": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 64), ema=0.0, elastic=0.0, ensemble=1, tta=False),
-    "best": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 64), ema=0.0, elastic=0.0, ensemble=5, tta=True),
+    "fast": dict(epochs=4, batch_size=128, lr=0.1, widths=(16, 32, 128), ema=0.0, elastic=0.0, ensemble=1, tta=False),
+    "default": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 128), ema=0.0, elastic=0.0, ensemble=1,
+                    tta=False),
+    "best": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 128), ema=0.0, elastic=0.0, ensemble=5,
+                 tta=False),
 }
 VAL_FRACTION = 0.1  # stratified hold-out of train.csv used to pick best.pt and report accuracy
 
@@ -50,7 +54,7 @@ def parse_args(argv):
                         help="global batch size, split evenly over torchrun processes (default: from --preset; 128)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: from --preset; 0.1)")
     parser.add_argument("--widths", type=int, nargs=3, metavar=("C1", "C2", "C3"),
-                        help="channels of the three conv stages (default: from --preset; 16 32 64)")
+                        help="channels of the three conv stages (default: from --preset; 16 32 128)")
     parser.add_argument("--ema", type=float, help="weight EMA decay per step, 0 = off (default: from --preset; 0)")
     parser.add_argument("--elastic", type=float,
                         help="elastic distortion, max displacement in pixels, 0 = off (default: from --preset; 0)")
@@ -59,7 +63,7 @@ def parse_args(argv):
                              "(default: from --preset; default preset: 1)")
     parser.add_argument("--tta", action="store_true", default=None,
                         help="test-time augmentation: average over shifted/rotated views "
-                             "(default: from --preset; on for best, else off)")
+                             "(default: from --preset; off)")
     parser.add_argument("--full-train", action="store_true",
                         help="train on all rows with no validation split; the epoch count is the one "
                              "chosen on validation runs of the preset (default: off)")

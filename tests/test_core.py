@@ -107,7 +107,7 @@ def test_checkpoint_holds_only_plain_types(tmp_path):
     model = DigitRecognizerModel(ModelConfig())
     save_checkpoint(str(tmp_path / "m.pt"), model, epoch=3)
     state = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert state["model_config"] == {"widths": (16, 32, 64), "dropout": 0.1, "num_classes": 10}
+    assert state["model_config"] == {"widths": (16, 32, 128), "dropout": 0.1, "num_classes": 10}
     assert state["epoch"] == 3 and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
