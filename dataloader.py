@@ -8,7 +8,7 @@ Augmentation is a batched random affine warp (rotation, scale, shear, shift) plu
 optional elastic distortion, done with `affine_grid`/`grid_sample` on the training device.
 """
 
-import io
+import contextlib
 import math
 import os
 import tempfile
@@ -170,18 +170,36 @@ def load_test(path, log=print):
     return load_digit_csv(path, "test.csv", labelled=False, log=log)[0]
 
 
-def atomic_write_text(path, text):
-    """Write `text` to `path` via a temp file in the same folder and a rename: never torn."""
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """Open a temp file next to `path`; on success it is synced and renamed onto `path`.
+
+    Readers see the old file or the complete new one, never a torn one, whatever happens
+    mid-write (exception, Ctrl-C, kill -9, power loss); on an exception the temp file goes.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
-        with io.open(fd, "w", newline="") as f:
-            f.write(text)
+        with open(fd, mode, newline=None if "b" in mode else "") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         os.unlink(tmp_path)
         raise
+
+
+def atomic_write_text(path, text):
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def check_output_file(path):
+    """DataError now, before any work, if `path` cannot be an output file (it is a folder)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder; pass a file path, e.g. {os.path.join(path, 'final_submission.csv')}")
 
 
 # ----------------------------------------------------------------------------- dataset
