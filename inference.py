@@ -6,16 +6,18 @@ Usage:
     python inference.py --checkpoint a/best.pt b/best.pt --tta --output ensemble.csv
 
 Several checkpoints are an ensemble: their softmax outputs are averaged. The test file
-is read in chunks, so memory stays bounded however many rows it has.
+is read, predicted and (with --probs) written out chunk by chunk; only the predicted
+labels are kept, one byte a row, so memory stays bounded however many rows it has.
 """
 
 import argparse
+import contextlib
 import sys
 
 import torch
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, model_from_checkpoint
-from dataloader import DataError, atomic_write_text, iter_digit_csv, warp
+from dataloader import CHUNK_ROWS, DataError, atomic_open, check_output_file, iter_digit_csv, warp
 from trainer import choose_device, predict_logits
 
 # Test-time augmentation: the image itself plus fixed small shifts (pixels) and rotations
@@ -56,23 +58,32 @@ def predict_probs(models, images, device, tta=False):
     return (total / (len(models) * len(views))).cpu()
 
 
-def predict_file(models, input_path, device, tta=False, log=print):
-    """Probabilities (N, classes) for every row of a test CSV, read chunk by chunk."""
-    parts = [predict_probs(models, images, device, tta)
-             for images, _ in iter_digit_csv(input_path, "test.csv", labelled=False, log=log)]
-    return torch.cat(parts)
+def predict_file(models, input_path, device, tta=False, probs_file=None, log=print):
+    """Predicted labels (N,) uint8 for every row of a test CSV, read chunk by chunk.
+
+    With `probs_file` (an open text file), each chunk's probabilities are written to it as
+    ImageId,p0..p9 rows as they come, so they never pile up in memory.
+    """
+    labels, rows = [], 0
+    if probs_file is not None:
+        probs_file.write("ImageId," + ",".join(f"p{k}" for k in range(models[0].config.num_classes)) + "\n")
+    for images, _ in iter_digit_csv(input_path, "test.csv", labelled=False, log=log):
+        probs = predict_probs(models, images, device, tta)
+        if probs_file is not None:
+            probs_file.writelines(f"{i}," + ",".join(f"{p:.6f}" for p in row) + "\n"
+                                  for i, row in enumerate(probs.tolist(), start=rows + 1))
+        labels.append(probs.argmax(1).to(torch.uint8))
+        rows += len(images)
+    return torch.cat(labels)
 
 
 def write_submission(path, predictions):
-    """Kaggle submission: header ImageId,Label; ImageId counts from 1."""
-    lines = ["ImageId,Label"] + [f"{i},{label}" for i, label in enumerate(predictions.tolist(), start=1)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def write_probabilities(path, probs):
-    header = "ImageId," + ",".join(f"p{k}" for k in range(probs.shape[1]))
-    rows = [f"{i}," + ",".join(f"{p:.6f}" for p in row) for i, row in enumerate(probs.tolist(), start=1)]
-    atomic_write_text(path, "\n".join([header] + rows) + "\n")
+    """Kaggle submission: header ImageId,Label; ImageId counts from 1. Streamed, atomic."""
+    with atomic_open(path) as f:
+        f.write("ImageId,Label\n")
+        for start in range(0, len(predictions), CHUNK_ROWS):
+            block = predictions[start:start + CHUNK_ROWS].tolist()
+            f.writelines(f"{i},{label}\n" for i, label in enumerate(block, start=start + 1))
 
 
 def parse_args(argv):
@@ -92,15 +103,16 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        for path in filter(None, (args.output, args.probs)):
+            check_output_file(path)
         device = choose_device(args.device)
         models = load_models(args.checkpoint, device)
-        probs = predict_file(models, args.input, device, tta=args.tta)
-    except (DataError, CheckpointError, ValueError) as e:
+        with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:
+            predictions = predict_file(models, args.input, device, tta=args.tta, probs_file=probs_file)
+        write_submission(args.output, predictions)
+    except (DataError, CheckpointError, ValueError, OSError) as e:
         return user_error(e)
-    write_submission(args.output, probs.argmax(1))
-    if args.probs:
-        write_probabilities(args.probs, probs)
-    print(f"wrote {args.output} ({len(probs):,} rows) from {len(models)} checkpoint(s)")
+    print(f"wrote {args.output} ({len(predictions):,} rows) from {len(models)} checkpoint(s)")
     return 0
 
 
