@@ -12,6 +12,7 @@ Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.
 """
 
 import os
+import shlex
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from DigitRecognizerModel import CheckpointError, DigitRecognizerModel, ModelConfig
-from dataloader import AugmentConfig, DataError, DigitDataset, load_test, load_train, stratified_split
+from dataloader import AugmentConfig, DataError, DigitDataset, check_output_file, load_test, load_train, stratified_split
 from inference import ArgumentParser, load_models, predict_probs, user_error, write_submission
 from trainer import TrainConfig, TrainingDiverged, choose_device, train
 
@@ -64,6 +65,7 @@ def run(args, log=print):
     """Train and write the submission; returns {'history', 'val_accuracy', 'submission', 'seconds'}."""
     started = time.perf_counter()
     device = choose_device(args.device)
+    check_output_file(args.submission)  # fail now, not after training
     torch.manual_seed(args.seed)
     images, labels = load_train(args.data, log=log)
     test_images = load_test(args.data, log=log)  # read (and checked) before training, not after
@@ -94,14 +96,17 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run(args)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, ValueError, OSError) as e:
         return user_error(e)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-        print(f"\ninterrupted; resume with: python main.py --resume {' '.join(flags)}".rstrip(), file=sys.stderr)
+        if not os.path.exists(os.path.join(args.checkpoint_dir, "last.pt")):
+            print("\ninterrupted before the first checkpoint; start again with the same command", file=sys.stderr)
+        else:
+            print(f"\ninterrupted; resume with: python main.py --resume {shlex.join(flags)}".rstrip(), file=sys.stderr)
         return 130
     return 0
 

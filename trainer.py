@@ -154,6 +154,9 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
 
     if resume:
         state = load_checkpoint(last_path, map_location=device)
+        if "optimizer" not in state or state["model_config"] != asdict(model.config):
+            raise CheckpointError(f"{last_path}: not the last.pt of a run of this model; "
+                                  f"--resume continues the last.pt that an interrupted run left")
         saved = state.get("train_config", {})
         for key in ("epochs", "batch_size", "lr", "seed"):
             if saved.get(key) != getattr(config, key):
@@ -203,11 +206,13 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
             correct += (logits.argmax(1) == y).sum()
             if progress and step % 20 == 0:
                 steps.set_postfix(loss=f"{loss.item():.3f}")
+        # Checked once an epoch, not per step (a per-step check syncs the GPU every step); the
+        # diverged epoch is never saved, so best.pt and last.pt keep the last good weights.
         train_loss = loss_sum.item() / steps_per_epoch
         if not math.isfinite(train_loss):
+            kept = f"; {best_path} keeps the best weights up to epoch {epoch}" if epoch else ""
             raise TrainingDiverged(
-                f"loss became {train_loss} in epoch {epoch + 1}; lower --lr (now {config.lr}). "
-                f"The last good weights are in {best_path}")
+                f"loss became {train_loss} in epoch {epoch + 1}; lower --lr (now {config.lr}) and start again{kept}")
         eval_model = ema.model if ema is not None else model
         val = evaluate(eval_model, val_set, device, max_batches=1 if config.max_steps_per_epoch else 0)
         seconds = time.perf_counter() - started
