@@ -8,13 +8,16 @@ can never run code.
 
 import os
 import pickle
-import tempfile
+import re
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from dataloader import atomic_open
 
 # Mean and std of MNIST pixels scaled to [0, 1]; the model normalises its own input so
 # every caller feeds it plain [0, 1] images.
@@ -98,16 +101,23 @@ def config_from_dict(values: dict) -> ModelConfig:
 def save_checkpoint(path, model, **extra):
     """Write {'model_config', 'model', **extra} to `path` atomically (temp file + rename)."""
     state = {"model_config": asdict(model.config), "model": model.state_dict(), **extra}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
+# torch's weights_only refusal is a paragraph; this finds its sentence naming the refused
+# global or pickle opcode, e.g. "Unsupported global: GLOBAL posix.system ...".
+_REFUSAL_REASON = re.compile(r"((?:Unsupported|Trying to load unsupported)\b.*?)(?:\.\s|\.?$)", re.MULTILINE)
+
+
+def _first_line(error, skip=()):
+    """The first sentence of an exception's message that says something, for one-line errors."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(skip)] or lines
+    if not lines:
+        return type(error).__name__
+    sentence = lines[0].split(". ")[0]
+    return sentence if len(sentence) <= 200 else sentence[:200] + "..."
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -117,15 +127,18 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory; pass the checkpoint file, e.g. {path}/best.pt")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; errors say enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = _REFUSAL_REASON.search(str(e))
+        reason = found.group(1) if found else "the weights-only loader refused it"
         raise CheckpointError(
-            f"{path}: refused to load: it holds more than tensors and plain Python types "
-            f"({first_line}); only use checkpoints written by this suite"
+            f"{path}: refused to load: not plain tensors and Python types, so unsafe or corrupted "
+            f"({reason}); only use checkpoints written by this suite"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {e}".splitlines()[0]) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {_first_line(e)}") from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by this suite (no model config and weights)")
     return state
@@ -137,5 +150,6 @@ def model_from_checkpoint(state: dict, path="checkpoint") -> DigitRecognizerMode
         model = DigitRecognizerModel(config_from_dict(state["model_config"]))
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: weights do not fit this model architecture: {str(e).splitlines()[0]}") from None
+        reason = _first_line(e, skip="Error(s) in loading")  # then the first mismatch
+        raise CheckpointError(f"{path}: weights do not fit this model architecture: {reason}") from None
     return model

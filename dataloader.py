@@ -8,6 +8,7 @@ Augmentation is a batched random affine warp (rotation, scale, shear, shift) plu
 optional elastic distortion, done with `affine_grid`/`grid_sample` on the training device.
 """
 
+import contextlib
 import math
 import os
 import tempfile
@@ -67,7 +68,10 @@ def _read_chunks(label, opener, chunk_rows):
         yield from reader
     except pd.errors.EmptyDataError:
         raise DataError(f"{label}: file is empty; expected a Kaggle CSV with a header line") from None
-    except (UnicodeDecodeError, pd.errors.ParserError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except pd.errors.ParserError as e:  # e.g. "Expected 785 fields in line 7, saw 786"
+        detail = str(e).strip().splitlines()[0].removeprefix("Error tokenizing data. C error: ")
+        raise DataError(f"{label}: {detail}; every line needs the header's number of cells") from None
+    except (UnicodeDecodeError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{label}: not a readable CSV ({type(e).__name__}); pass the Kaggle train.csv/test.csv") from None
 
 
@@ -88,25 +92,27 @@ def _check_columns(label, columns, expect_label):
         raise DataError(f"{label}: unexpected column '{bad}'; pixel columns must be named pixel0..pixel783 in order")
 
 
-def _first_bad_cell(label, chunk, first_line):
-    """Raise DataError for the first cell that is blank, NaN or not a whole number."""
-    for column in chunk.columns:
-        series = chunk[column]
-        if pd.api.types.is_integer_dtype(series.dtype):
-            continue
-        numeric = pd.to_numeric(series, errors="coerce")
-        for i, (raw, value) in enumerate(zip(series.tolist(), numeric.tolist())):
-            where = f"{label}: line {first_line + i}, column '{column}'"
-            if pd.isna(raw) or (isinstance(raw, str) and not raw.strip()):
-                raise DataError(f"{where}: blank or NaN cell; every cell must be a whole number")
-            if pd.isna(value) or value != int(value):
-                raise DataError(f"{where}: '{raw}' is not a whole number; fix or drop that row")
-    raise DataError(f"{label}: line {first_line}: could not read the numbers; check the file")
+def _numeric(label, chunk, first_line):
+    """The chunk as numbers, or DataError for its first blank, NaN, Inf or fractional cell.
+
+    Whole numbers written as floats ("3.0") are accepted; the caller checks their range.
+    """
+    if all(pd.api.types.is_integer_dtype(t) for t in chunk.dtypes):
+        return chunk
+    numeric = chunk.apply(pd.to_numeric, errors="coerce")
+    values = numeric.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if not bad.any():
+        return numeric
+    row, col = np.argwhere(bad)[0]  # the first bad line, then its first bad column
+    raw, where = chunk.iat[row, col], f"{label}: line {first_line + row}, column '{chunk.columns[col]}'"
+    if pd.isna(raw) or (isinstance(raw, str) and not raw.strip()):
+        raise DataError(f"{where}: blank or NaN cell; every cell must be a whole number")
+    raise DataError(f"{where}: '{raw}' is not a whole number; fix or drop that row")
 
 
 def _chunk_to_tensors(label, chunk, first_line, keep_label):
-    if not all(pd.api.types.is_integer_dtype(t) for t in chunk.dtypes):
-        _first_bad_cell(label, chunk, first_line)
+    chunk = _numeric(label, chunk, first_line)
     pixels = chunk[PIXEL_COLUMNS].to_numpy()
     out_of_range = (pixels < 0) | (pixels > 255)
     if out_of_range.any():
@@ -140,12 +146,14 @@ def iter_digit_csv(path, name, labelled, chunk_rows=CHUNK_ROWS, log=print):
             _check_columns(label, chunk.columns, expect_label=labelled)
             if not labelled and "label" in chunk.columns:
                 log(f"note: {label} has a 'label' column; it is ignored for prediction")
+        if not labelled:
+            chunk = chunk[PIXEL_COLUMNS]  # an ignored label column is not checked either
         if len(chunk) == 0:
             continue
         yield _chunk_to_tensors(label, chunk, first_line=rows + 2, keep_label=labelled)
         rows += len(chunk)
     if rows == 0:
-        raise DataError(f"{label}: has a header but no rows of digits")
+        raise DataError(f"{label}: has a header but no rows of digits; add the image rows below the header")
 
 
 def load_digit_csv(path, name, labelled, log=print):
@@ -164,15 +172,22 @@ def load_test(path, log=print):
     return load_digit_csv(path, "test.csv", labelled=False, log=log)[0]
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Write `data` to `path` via a temp file in the same folder and a rename: never torn."""
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """Open a temp file next to `path`; on success it is synced and renamed onto `path`.
+
+    Readers see the old file or the complete new one, never a torn one, whatever happens
+    mid-write (exception, Ctrl-C, kill -9, power loss); on an exception the temp file goes.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        with open(fd, mode, newline=None if "b" in mode else "") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         os.unlink(tmp_path)
@@ -180,8 +195,19 @@ def atomic_write_bytes(path, data: bytes):
 
 
 def atomic_write_text(path, text):
-    """`atomic_write_bytes` for text, written as UTF-8 with newlines untranslated."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def atomic_write_bytes(path, data: bytes):
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def check_output_file(path):
+    """DataError now, before any work, if `path` cannot be an output file (it is a folder)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder; pass a file path, e.g. {os.path.join(path, 'final_submission.csv')}")
 
 
 # ----------------------------------------------------------------------------- dataset

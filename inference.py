@@ -7,20 +7,24 @@ Usage:
     python inference.py --checkpoint checkpoints/best.pt --input ../shared/data/digit-recognizer.zip --report reports/
 
 Several checkpoints are an ensemble: their softmax outputs are averaged. The test file
-is read in chunks, so memory stays bounded however many rows it has. With --report the
-input is a labelled, train.csv-shaped file: it is scored and reported on instead of
-predicted for Kaggle (no submission is written). Scored on the whole train.csv, a
-checkpoint is judged mostly on images it was trained on: expect optimistic numbers.
+is read, predicted and (with --probs) written out chunk by chunk; only the predicted
+labels are kept, one byte a row, so memory stays bounded however many rows it has.
+With --report the input is a labelled, train.csv-shaped file: it is scored and reported
+on instead of predicted for Kaggle (no submission is written). Scored on the whole
+train.csv, a checkpoint is judged mostly on images it was trained on: expect optimistic
+numbers.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
 import torch
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, model_from_checkpoint
-from dataloader import DataError, DigitDataset, atomic_write_text, iter_digit_csv, load_digit_csv, warp
+from dataloader import (CHUNK_ROWS, DataError, DigitDataset, atomic_open, check_output_file, iter_digit_csv,
+                        load_digit_csv, warp)
 from report import prepare_report_dir, write_report
 from trainer import choose_device, predict_logits
 
@@ -62,11 +66,28 @@ def predict_probs(models, images, device, tta=False):
     return (total / (len(models) * len(views))).cpu()
 
 
-def predict_file(models, input_path, device, tta=False, log=print):
-    """Probabilities (N, classes) for every row of a test CSV, read chunk by chunk."""
-    parts = [predict_probs(models, images, device, tta)
-             for images, _ in iter_digit_csv(input_path, "test.csv", labelled=False, log=log)]
-    return torch.cat(parts)
+def predict_file(models, input_path, device, tta=False, probs_file=None, log=print):
+    """Predicted labels (N,) uint8 for every row of a test CSV, read chunk by chunk.
+
+    With `probs_file` (an open text file), each chunk's probabilities are written to it as
+    ImageId,p0..p9 rows as they come, so they never pile up in memory.
+    """
+    labels, rows = [], 0
+    for images, _ in iter_digit_csv(input_path, "test.csv", labelled=False, log=log):
+        probs = predict_probs(models, images, device, tta)
+        if probs_file is not None:
+            write_probability_rows(probs_file, probs, first_image_id=rows + 1)
+        labels.append(probs.argmax(1).to(torch.uint8))
+        rows += len(images)
+    return torch.cat(labels)
+
+
+def write_probability_rows(f, probs, first_image_id=1):
+    """ImageId,p0..p9 rows of `probs` (n, classes) to an open text file; the header with the first."""
+    if first_image_id == 1:
+        f.write("ImageId," + ",".join(f"p{k}" for k in range(probs.shape[1])) + "\n")
+    f.writelines(f"{i}," + ",".join(f"{p:.6f}" for p in row) + "\n"
+                 for i, row in enumerate(probs.tolist(), start=first_image_id))
 
 
 def report_file(models, input_path, report_dir, device, tta=False, log=print):
@@ -82,15 +103,12 @@ def report_file(models, input_path, report_dir, device, tta=False, log=print):
 
 
 def write_submission(path, predictions):
-    """Kaggle submission: header ImageId,Label; ImageId counts from 1."""
-    lines = ["ImageId,Label"] + [f"{i},{label}" for i, label in enumerate(predictions.tolist(), start=1)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def write_probabilities(path, probs):
-    header = "ImageId," + ",".join(f"p{k}" for k in range(probs.shape[1]))
-    rows = [f"{i}," + ",".join(f"{p:.6f}" for p in row) for i, row in enumerate(probs.tolist(), start=1)]
-    atomic_write_text(path, "\n".join([header] + rows) + "\n")
+    """Kaggle submission: header ImageId,Label; ImageId counts from 1. Streamed, atomic."""
+    with atomic_open(path) as f:
+        f.write("ImageId,Label\n")
+        for start in range(0, len(predictions), CHUNK_ROWS):
+            block = predictions[start:start + CHUNK_ROWS].tolist()
+            f.writelines(f"{i},{label}\n" for i, label in enumerate(block, start=start + 1))
 
 
 def parse_args(argv):
@@ -121,19 +139,22 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        for path in filter(None, (args.output, args.probs)):
+            check_output_file(path)
         device = choose_device(args.device)
         models = load_models(args.checkpoint, device)
-        if args.report:
-            probs, _ = report_file(models, args.input, args.report, device, tta=args.tta)
-        else:
-            probs = predict_file(models, args.input, device, tta=args.tta)
-    except (DataError, CheckpointError, ValueError) as e:
+        with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:
+            if args.report:
+                probs, _ = report_file(models, args.input, args.report, device, tta=args.tta)
+                if probs_file is not None:
+                    write_probability_rows(probs_file, probs)
+            else:
+                predictions = predict_file(models, args.input, device, tta=args.tta, probs_file=probs_file)
+                write_submission(args.output, predictions)
+    except (DataError, CheckpointError, ValueError, OSError) as e:
         return user_error(e)
     if not args.report:
-        write_submission(args.output, probs.argmax(1))
-        print(f"wrote {args.output} ({len(probs):,} rows) from {len(models)} checkpoint(s)")
-    if args.probs:
-        write_probabilities(args.probs, probs)
+        print(f"wrote {args.output} ({len(predictions):,} rows) from {len(models)} checkpoint(s)")
     return 0
 
 

@@ -16,6 +16,7 @@ Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.
 """
 
 import os
+import shlex
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ import time
 import torch
 
 from DigitRecognizerModel import CheckpointError, DigitRecognizerModel, ModelConfig
-from dataloader import AugmentConfig, DataError, DigitDataset, load_test, load_train, stratified_split
+from dataloader import AugmentConfig, DataError, DigitDataset, check_output_file, load_test, load_train, stratified_split
 from inference import ArgumentParser, load_models, predict_probs, user_error, write_submission
 from report import prepare_report_dir, write_report
 from trainer import (TrainConfig, TrainingDiverged, choose_device, close_distributed, init_distributed,
@@ -103,9 +104,9 @@ def member_dir(args, member):
 
 
 def run(args, log=print):
-    """Train, then write the submission.
+    """Train, then write the submission and the report on the validation split.
 
-    Also writes the report on the validation split. Returns {'histories', 'val_accuracy', 'checkpoints', 'submission', 'seconds'}, where
+    Returns {'histories', 'val_accuracy', 'checkpoints', 'submission', 'seconds'}, where
     val_accuracy is that of the submitted predictor (ensemble, TTA) on the validation split.
     """
     started = time.perf_counter()
@@ -113,6 +114,7 @@ def run(args, log=print):
     rank, world_size = rank_and_world_size()
     if rank:  # rank 0 alone logs and writes files
         log = lambda *_, **__: None
+    check_output_file(args.submission)  # fail now, not after training
     if args.report and rank == 0:
         prepare_report_dir(args.report)
     images, labels = load_train(args.data, log=log)
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run(args)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, ValueError, OSError) as e:
         return user_error(e)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
@@ -178,7 +180,10 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # one message, not one per torchrun process
             flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
             command = "torchrun <same options> main.py" if "WORLD_SIZE" in os.environ else "python main.py"
-            print(f"\ninterrupted; resume with: {command} --resume {' '.join(flags)}".rstrip(), file=sys.stderr)
+            if not os.path.exists(os.path.join(member_dir(args, 0), "last.pt")):
+                print("\ninterrupted before the first checkpoint; start again with the same command", file=sys.stderr)
+            else:
+                print(f"\ninterrupted; resume with: {command} --resume {shlex.join(flags)}".rstrip(), file=sys.stderr)
         return 130
     finally:
         close_distributed()

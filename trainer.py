@@ -229,6 +229,9 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
 
     if resume:
         state = load_checkpoint(last_path, map_location=device)
+        if "optimizer" not in state or state["model_config"] != asdict(model.config):
+            raise CheckpointError(f"{last_path}: not the last.pt of a run of this model; "
+                                  f"--resume continues the last.pt that an interrupted run left")
         saved = state.get("train_config", {})
         for key in ("epochs", "batch_size", "lr", "seed"):
             if saved.get(key) != getattr(config, key):
@@ -294,14 +297,16 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
             if progress and step % 20 == 0:  # .item() waits for the device: not every step
                 steps.set_postfix({"loss": f"{loss_sum.item() / (step + 1):.3f}",
                                    "acc": f"{correct.item() / ((step + 1) * config.batch_size):.3f}"})
+        # Checked once an epoch, not per step (a per-step check syncs the GPU every step); the
+        # diverged epoch is never saved, so best.pt and last.pt keep the last good weights.
         loss_sum, correct = loss_sum.item(), correct.item()
         if world_size > 1:  # every rank gets the same numbers, so all stop together on NaN
             loss_sum, correct = _sum_over_ranks([loss_sum, correct], device).tolist()
         train_loss = loss_sum / (steps_per_epoch * world_size)
         if not math.isfinite(train_loss):
+            kept = f"; {best_path} keeps the best weights up to epoch {epoch}" if epoch else ""
             raise TrainingDiverged(
-                f"loss became {train_loss} in epoch {epoch + 1}; lower --lr (now {config.lr}). "
-                f"The last good weights are in {best_path}")
+                f"loss became {train_loss} in epoch {epoch + 1}; lower --lr (now {config.lr}) and start again{kept}")
         eval_model = ema.model if ema is not None else model
         if world_size > 1:  # the ranks' last BatchNorm updates differ: evaluate rank 0's, which is saved
             for buffer in eval_model.buffers():

@@ -1,6 +1,7 @@
 """Small synthetic Digit Recognizer data, written in Kaggle's CSV format."""
 
 import os
+import signal
 import sys
 
 import numpy as np
@@ -43,3 +44,24 @@ def kaggle_dir(tmp_path):
     write_csv(folder / "train.csv", *make_digits(600, seed=1))
     write_csv(folder / "test.csv", make_digits(120, seed=2)[0])
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Train on one thread: on the 2 shared, busy cores a second OpenMP thread mostly waits for
+    CPU time, and each step then takes ~40x longer. Subprocesses get OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(capsys, module, *argv):
+    """Run main.main or inference.main in-process: (exit code, stdout, stderr lines)."""
+    sigterm = signal.getsignal(signal.SIGTERM)  # main.main installs its own handler
+    try:
+        code = module.main([str(a) for a in argv])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()

@@ -1,0 +1,165 @@
+"""Crash and resume: kill -9 at any moment, SIGINT and SIGTERM, then `--resume` with the same
+flags finishes exactly as an uninterrupted run with the same seed would have (on CPU)."""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main
+from DigitRecognizerModel import load_checkpoint
+from conftest import ROOT, cli, make_digits, write_csv
+
+EPOCHS = 4
+FLAGS = ["--epochs", str(EPOCHS), "--batch-size", "16", "--seed", "7", "--device", "cpu"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as the one_thread fixture
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_csv(folder / "train.csv", *make_digits(200, seed=1))
+    write_csv(folder / "test.csv", make_digits(30, seed=2)[0])
+    return folder
+
+
+def argv(data, out, *extra):
+    return ["--data", str(data), "--checkpoint-dir", str(out / "ckpt"), "--submission", str(out / "sub.csv"),
+            *FLAGS, *extra]
+
+
+def command(data, out, *extra):
+    return [sys.executable, os.path.join(ROOT, "main.py"), *argv(data, out, *extra)]
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted run with the same flags and seed, in a fresh process."""
+    out = tmp_path_factory.mktemp("reference")
+    done = subprocess.run(command(data, out), capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def result(out):
+    """What a run leaves: final and best weights, and the submission."""
+    return (load_checkpoint(out / "ckpt" / "last.pt")["model"], load_checkpoint(out / "ckpt" / "best.pt")["model"],
+            (out / "sub.csv").read_text())
+
+
+def assert_same_result(out, reference):
+    (last, best, submission), (ref_last, ref_best, ref_submission) = result(out), result(reference)
+    for state, ref_state in ((last, ref_last), (best, ref_best)):
+        assert state.keys() == ref_state.keys()
+        assert all(torch.equal(state[k], ref_state[k]) for k in state), "weights differ from the uninterrupted run"
+    assert submission == ref_submission
+
+
+def epochs_done(out):
+    """Completed epochs according to history.csv (written after last.pt), 0 before the first."""
+    try:
+        return len((out / "ckpt" / "history.csv").read_text().splitlines()) - 1
+    except FileNotFoundError:
+        return 0
+
+
+def start_and_wait(data, out, until):
+    """Start a training process and return it once `until(out)` holds; fail if it ends first."""
+    process = subprocess.Popen(command(data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 300
+    while not until(out):
+        assert process.poll() is None, f"run ended first: {process.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return process
+
+
+def resume(data, out, *extra):
+    done = subprocess.run(command(data, out, "--resume", *extra), capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_same_seed_gives_the_same_predictions(capsys, data, reference, tmp_path):
+    assert cli(capsys, main, *argv(data, tmp_path))[0] == 0
+    assert_same_result(tmp_path, reference)
+
+
+KILL_WHEN = {  # last.pt of epoch 0 is written just before training starts
+    "in the first epoch": lambda out: (out / "ckpt" / "last.pt").exists(),
+    "after the first epoch": lambda out: epochs_done(out) >= 1,
+}
+
+
+@pytest.mark.parametrize("when", KILL_WHEN)
+def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(data, reference, tmp_path, when):
+    process = start_and_wait(data, tmp_path, until=KILL_WHEN[when])
+    process.kill()
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    killed_after = load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"]
+    assert killed_after < EPOCHS
+    done = resume(data, tmp_path)
+    assert f"resumed from {tmp_path / 'ckpt' / 'last.pt'} after epoch {killed_after}/{EPOCHS}" in done.stdout
+    assert epochs_done(tmp_path) == EPOCHS
+    assert_same_result(tmp_path, reference)
+
+
+# torch.save that SIGKILLs its own process halfway through writing last.pt after epoch 2.
+KILL_WHILE_SAVING_EPOCH_2 = """
+import os, signal, sys, torch
+save = torch.save
+def save_or_die(state, f):
+    if state.get("epoch") == 2 and "optimizer" in state:
+        f.write(b"PK\\x03\\x04 half a checkpoint"); f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(state, f)
+torch.save = save_or_die
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+import main
+sys.exit(main.main())
+"""
+
+
+def test_kill_9_while_writing_last_pt_then_resume_matches(data, reference, tmp_path):
+    done = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING_EPOCH_2, *command(data, tmp_path)[1:]],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 1  # the torn write never replaced it
+    assert any(name.startswith(".tmp-") for name in os.listdir(tmp_path / "ckpt"))  # it is there, aside
+    resume(data, tmp_path)
+    assert_same_result(tmp_path, reference)
+
+
+def test_resume_with_other_flags_is_refused(capsys, data, reference, tmp_path):
+    out = tmp_path / "copy"
+    (out / "ckpt").mkdir(parents=True)
+    (out / "ckpt" / "last.pt").write_bytes((reference / "ckpt" / "last.pt").read_bytes())
+    code, _, err = cli(capsys, main, *argv(data, out, "--resume", "--lr", "0.05"))
+    assert code == 2 and len(err) == 1 and "resume with the same flags" in err[0]
+    assert (out / "ckpt" / "last.pt").read_bytes() == (reference / "ckpt" / "last.pt").read_bytes()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_leaves_a_resumable_run_and_says_how(data, reference, tmp_path, signum):
+    process = start_and_wait(data, tmp_path, until=KILL_WHEN["after the first epoch"])
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    how = stderr.strip().splitlines()[-1]
+    assert how.startswith("interrupted; resume with: python main.py --resume ")
+    assert 1 <= load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] < EPOCHS
+    python, script, *resume_argv = shlex.split(how.split("resume with: ", 1)[1])  # run what it says
+    assert (python, script) == ("python", "main.py")
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, script), *resume_argv],
+                             capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_result(tmp_path, reference)

@@ -1,0 +1,463 @@
+"""Bad input, failed writes, untrusted checkpoints, numerical faults.
+
+Every user error is exit 2 with one line on stderr and no traceback, and leaves every file
+already on disk (checkpoints, submission) with its bytes and mtime.
+"""
+
+import functools
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import inference
+import main
+import trainer
+from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, save_checkpoint
+from conftest import ROOT, cli, make_digits, write_csv
+from dataloader import DigitDataset, augment
+
+ROWS = 12  # rows of the small good CSVs every bad one is made from
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def assert_user_error(code, err, *fragments):
+    assert code == 2, err
+    assert len(err) == 1, err  # one line, so no traceback
+    assert err[0].startswith("error: "), err
+    for fragment in fragments:
+        assert str(fragment) in err[0]
+
+
+def snapshot(folder):
+    """{relative path: (bytes, mtime_ns)} of every file under `folder`, temp files included."""
+    files = [Path(d, name) for d, _, names in os.walk(folder) for name in names]
+    return {str(f.relative_to(folder)): (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+
+
+@pytest.fixture
+def out(tmp_path):
+    """Earlier results that a failed run must leave alone: a real best.pt (inference reads
+    it), a last.pt and a submission."""
+    folder = tmp_path / "out"
+    save_checkpoint(folder / "ckpt" / "best.pt", DigitRecognizerModel(ModelConfig()), epoch=1)
+    (folder / "ckpt" / "last.pt").write_bytes((folder / "ckpt" / "best.pt").read_bytes())
+    (folder / "final_submission.csv").write_text("ImageId,Label\n1,7\n")
+    return folder
+
+
+def main_argv(data, out):
+    return ["--data", data, "--checkpoint-dir", out / "ckpt", "--submission", out / "final_submission.csv",
+            "--epochs", "1", "--device", "cpu"]
+
+
+def inference_argv(test_input, out):
+    return ["--checkpoint", out / "ckpt" / "best.pt", "--input", test_input, "--output", out / "final_submission.csv"]
+
+
+@functools.cache
+def good_lines(labelled):
+    """Lines (header first) of a good train.csv (labelled) or test.csv of ROWS rows."""
+    images, labels = make_digits(ROWS, seed=5)
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_csv(os.path.join(folder, "good.csv"), images, labels if labelled else None)
+        return tuple(Path(path).read_text().splitlines())
+
+
+def write_data(folder, train=None, test=None):
+    """A data folder with train.csv and test.csv: good ones, unless content is given."""
+    folder.mkdir(exist_ok=True)
+    for name, content, labelled in (("train.csv", train, True), ("test.csv", test, False)):
+        content = "\n".join(good_lines(labelled)) + "\n" if content is None else content
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder
+
+
+# ----------------------------------------------------------------------------- bad CSV files
+
+def edit_cell(value, column="pixel5", line=4):
+    """Content with one cell replaced; line numbers count the header as line 1, like editors."""
+    def edit(lines):
+        cells = lines[line - 1].split(",")
+        cells[lines[0].split(",").index(column)] = value
+        return "\n".join([*lines[:line - 1], ",".join(cells), *lines[line:]]) + "\n"
+    return edit
+
+
+def edit_line(change, line=4):
+    def edit(lines):
+        return "\n".join([*lines[:line - 1], change(lines[line - 1]), *lines[line:]]) + "\n"
+    return edit
+
+
+BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must say)
+    "empty file": (lambda lines: "", "file is empty"),
+    "header only": (lambda lines: lines[0] + "\n", "has a header but no rows"),
+    "783 pixel columns": (lambda lines: "\n".join(t.rsplit(",", 1)[0] for t in lines) + "\n",
+                          "783 pixel columns, expected 784"),
+    "extra cell": (edit_line(lambda t: t + ",0"), "fields in line 4, saw"),
+    "missing cell": (edit_line(lambda t: t.rsplit(",", 1)[0]), "line 4, column 'pixel783': blank or NaN"),
+    "text cell": (edit_cell("x"), "line 4, column 'pixel5': 'x' is not a whole number"),
+    "blank cell": (edit_cell(""), "line 4, column 'pixel5': blank or NaN"),
+    "NaN cell": (edit_cell("NaN"), "line 4, column 'pixel5': blank or NaN"),
+    "Inf cell": (edit_cell("inf"), "line 4, column 'pixel5': 'inf' is not a whole number"),
+    "fraction": (edit_cell("0.5"), "line 4, column 'pixel5': '0.5' is not a whole number"),
+    "below 0": (edit_cell("-1"), "line 4, column 'pixel5': value -1 is outside 0-255"),
+    "above 255": (edit_cell("256"), "line 4, column 'pixel5': value 256 is outside 0-255"),
+    "binary, not CSV": (lambda lines: np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+                        "not a readable CSV"),
+}
+BAD_TRAIN_CONTENT = {
+    "no label column": (lambda lines: "\n".join(t.split(",", 1)[1] for t in lines) + "\n", "no 'label' column"),
+    "label 10": (edit_cell("10", column="label"), "line 4, column 'label': 10 is not a digit 0-9"),
+    "label -1": (edit_cell("-1", column="label"), "line 4, column 'label': -1 is not a digit 0-9"),
+}
+CASES = [(role, case) for role in ("main train.csv", "main test.csv", "inference --input") for case in BAD_CONTENT]
+CASES += [("main train.csv", case) for case in BAD_TRAIN_CONTENT]
+
+
+@pytest.mark.parametrize("role, case", CASES)
+def test_bad_csv_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, out, role, case):
+    make, expected = {**BAD_CONTENT, **BAD_TRAIN_CONTENT}[case]
+    bad = make(good_lines(labelled=role == "main train.csv"))
+    before = snapshot(out)
+    if role == "main train.csv":
+        path = write_data(tmp_path / "data", train=bad) / "train.csv"
+        code, _, err = cli(capsys, main, *main_argv(path.parent, out))
+    else:
+        path = write_data(tmp_path / "data", test=bad) / "test.csv"
+        argv = main_argv(path.parent, out) if role == "main test.csv" else inference_argv(path, out)
+        code, _, err = cli(capsys, main if role == "main test.csv" else inference, *argv)
+    assert_user_error(code, err, path, expected)
+    assert snapshot(out) == before
+
+
+def source_without(tmp_path, kind, missing):
+    """A --data/--input path that lacks `missing` ('train.csv' or 'test.csv'): (path, message)."""
+    if kind == "path that does not exist":
+        return tmp_path / "nowhere", "no such file or folder"
+    if kind == "zip without it":
+        path = tmp_path / "digit-recognizer.zip"
+        with zipfile.ZipFile(path, "w") as archive:
+            for name in {"train.csv", "test.csv"} - {missing}:
+                archive.writestr(name, "\n".join(good_lines(name == "train.csv")) + "\n")
+        return path, f"zip has no {missing}"
+    path = write_data(tmp_path / "data")  # a folder without it
+    (path / missing).unlink()
+    return path, f"folder has no {missing}"
+
+
+SOURCES = ["path that does not exist", "zip without it", "folder without it"]
+
+
+@pytest.mark.parametrize("cli_name, missing", [("main", "train.csv"), ("main", "test.csv"), ("inference", "test.csv")])
+@pytest.mark.parametrize("kind", SOURCES)
+def test_bad_data_path_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, out, kind, cli_name, missing):
+    path, expected = source_without(tmp_path, kind, missing)
+    before = snapshot(out)
+    if cli_name == "main":
+        code, _, err = cli(capsys, main, *main_argv(path, out))
+    else:
+        code, _, err = cli(capsys, inference, *inference_argv(path, out))
+    assert_user_error(code, err, path, expected)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("script, bad", [("main.py", "train"), ("inference.py", "test")])
+def test_bad_csv_through_the_real_command_line(tmp_path, out, script, bad):
+    """A fresh process, as a user runs it: exit 2, one line, no traceback, nothing written."""
+    data = write_data(tmp_path / "data", **{bad: BAD_CONTENT["binary, not CSV"][0]([])})
+    argv = main_argv(data, out) if script == "main.py" else inference_argv(data / "test.csv", out)
+    before = snapshot(out)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, argv)],
+                          capture_output=True, text=True, timeout=300)
+    assert_user_error(done.returncode, done.stderr.strip().splitlines(), data / f"{bad}.csv", "not a readable CSV")
+    assert snapshot(out) == before
+
+
+def test_test_csv_with_label_column_is_accepted_and_noted_once(capsys, tmp_path, out):
+    data = write_data(tmp_path / "data")
+    (tmp_path / "labelled.csv").write_text(edit_cell("junk", column="label")(good_lines(True)))  # not even checked
+    code, stdout, err = cli(capsys, inference, *inference_argv(tmp_path / "labelled.csv", out))
+    assert (code, err) == (0, [])
+    assert stdout.count("'label' column; it is ignored") == 1
+    with_label = (out / "final_submission.csv").read_text()
+    assert cli(capsys, inference, *inference_argv(data / "test.csv", out))[0] == 0
+    assert (out / "final_submission.csv").read_text() == with_label
+    assert len(with_label.splitlines()) == ROWS + 1
+
+
+# ----------------------------------------------------------------------------- other user errors
+
+@pytest.mark.parametrize("flag, expected", [("--output", "is a folder"), ("--probs", "is a folder"),
+                                            ("--checkpoint", "is a directory")])
+def test_inference_folder_where_a_file_is_expected(capsys, tmp_path, out, flag, expected):
+    argv = inference_argv(write_data(tmp_path / "data") / "test.csv", out) + ["--probs", out / "probs.csv"]
+    argv[argv.index(flag) + 1] = out
+    before = snapshot(out)
+    code, _, err = cli(capsys, inference, *argv)
+    assert_user_error(code, err, out, expected)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--submission", ".", "is a folder"),  # checked before training, not after it
+    ("--checkpoint-dir", "final_submission.csv", "File exists"),
+])
+def test_main_folder_and_file_mixed_up(capsys, tmp_path, out, flag, value, expected):
+    argv = main_argv(write_data(tmp_path / "data"), out)
+    argv[argv.index(flag) + 1] = out / value
+    before = snapshot(out)
+    code, stdout, err = cli(capsys, main, *argv)
+    assert_user_error(code, err, expected)
+    assert "epoch" not in stdout and snapshot(out) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("module", [main, inference])
+def test_device_cuda_without_cuda(capsys, tmp_path, out, module):
+    data = write_data(tmp_path / "data")
+    argv = main_argv(data, out) if module is main else inference_argv(data / "test.csv", out)
+    before = snapshot(out)
+    code, _, err = cli(capsys, module, *argv, "--device", "cuda")
+    assert_user_error(code, err, "no CUDA GPU", "--device cpu")
+    assert snapshot(out) == before
+
+
+def test_resume_from_a_checkpoint_that_is_not_a_last_pt(capsys, tmp_path, out):
+    # out/ckpt/last.pt is a copy of a best.pt: weights but no optimizer state.
+    before = snapshot(out)
+    code, _, err = cli(capsys, main, *main_argv(write_data(tmp_path / "data"), out), "--resume")
+    assert_user_error(code, err, out / "ckpt" / "last.pt", "not the last.pt of a run")
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def save_half_then_raise(error):
+    def save(obj, f):  # stands in for torch.save, dying halfway through the file
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise error
+    return save
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_checkpoint_write_that_fails_midway_keeps_the_old_file(tmp_path, monkeypatch, error):
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, DigitRecognizerModel(ModelConfig()), epoch=1)
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(torch, "save", save_half_then_raise(error))
+    with pytest.raises(type(error)):
+        save_checkpoint(path, DigitRecognizerModel(ModelConfig()), epoch=2)
+    assert snapshot(tmp_path) == before  # old bytes and mtime, no temp file left
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+class LabelsThatFailAfterOneBlock:
+    """Predictions whose second block fails, as a full disk would, mid-submission."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, block):
+        if block.start:
+            raise OSError(28, "No space left on device")
+        return torch.zeros(block.stop - block.start, dtype=torch.uint8)
+
+
+def test_submission_write_that_fails_midway_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "final_submission.csv"
+    inference.write_submission(path, torch.tensor([7, 1], dtype=torch.uint8))
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(inference, "CHUNK_ROWS", 4)
+    with pytest.raises(OSError):
+        inference.write_submission(path, LabelsThatFailAfterOneBlock())
+    assert snapshot(tmp_path) == before
+    assert path.read_text() == "ImageId,Label\n1,7\n2,1\n"
+
+
+def test_history_write_that_fails_before_the_rename_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "history.csv"
+    row = dict.fromkeys(trainer.HISTORY_COLUMNS, 0.5) | {"epoch": 1}
+    trainer.write_history(path, [row])
+    before = snapshot(tmp_path)
+
+    def fsync_fails(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "fsync", fsync_fails)
+    with pytest.raises(OSError):
+        trainer.write_history(path, [row, row | {"epoch": 2}])
+    assert snapshot(tmp_path) == before
+
+
+def test_probs_and_submission_untouched_when_input_fails_midway(capsys, tmp_path, out, monkeypatch):
+    """--probs streams rows into its temp file; a bad row after some chunks discards it."""
+    (out / "probs.csv").write_text("old probabilities\n")
+    test_csv = tmp_path / "test.csv"
+    test_csv.write_text(edit_cell("x", line=11)(good_lines(False)))  # in the third chunk of 4 rows
+    monkeypatch.setattr(inference, "iter_digit_csv", functools.partial(inference.iter_digit_csv, chunk_rows=4))
+    before = snapshot(out)
+    code, _, err = cli(capsys, inference, *inference_argv(test_csv, out), "--probs", out / "probs.csv")
+    assert_user_error(code, err, "line 11, column 'pixel5'")
+    assert snapshot(out) == before
+
+
+def test_inference_streams_labels_and_probabilities(tmp_path, out, monkeypatch):
+    """Memory stays bounded: one uint8 label a row is kept; probabilities go straight to the file."""
+    monkeypatch.setattr(inference, "iter_digit_csv", functools.partial(inference.iter_digit_csv, chunk_rows=5))
+    test_csv = write_data(tmp_path / "data") / "test.csv"
+    models = inference.load_models([out / "ckpt" / "best.pt"], torch.device("cpu"))
+    with open(tmp_path / "probs.csv", "w") as probs_file:
+        labels = inference.predict_file(models, test_csv, torch.device("cpu"), probs_file=probs_file)
+    images, _ = make_digits(ROWS, seed=5)
+    expected = inference.predict_probs(models, images, torch.device("cpu"))
+    assert labels.dtype == torch.uint8 and torch.equal(labels.long(), expected.argmax(1))
+    probs = np.loadtxt(tmp_path / "probs.csv", delimiter=",", skiprows=1)
+    assert probs[:, 0].tolist() == list(range(1, ROWS + 1))
+    assert np.allclose(probs[:, 1:], expected.numpy(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- untrusted checkpoints
+
+class CreatesFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def write_malicious_torch_save(path, marker, good):
+    torch.save({"model_config": {}, "model": CreatesFileWhenUnpickled(marker)}, path)
+
+
+def write_malicious_pickle(path, marker, good):
+    with open(path, "wb") as f:
+        pickle.dump({"model_config": {}, "model": CreatesFileWhenUnpickled(marker)}, f)
+
+
+def write_other_widths(path, marker, good):
+    state = torch.load(good, weights_only=True)
+    state["model"] = DigitRecognizerModel(ModelConfig(widths=(8, 16, 32))).state_dict()
+    torch.save(state, path)
+
+
+def write_with_config(**config):
+    def write(path, marker, good):
+        torch.save({**torch.load(good, weights_only=True), "model_config": config}, path)
+    return write
+
+
+BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the error line must say)
+    "malicious torch.save": (write_malicious_torch_save, "refused to load"),
+    "malicious pickle": (write_malicious_pickle, "refused to load"),
+    "truncated": (lambda path, marker, good: path.write_bytes(good.read_bytes()[:20000]),
+                  "not a readable checkpoint (truncated or corrupted?)"),
+    "empty": (lambda path, marker, good: path.write_bytes(b""), "not a readable checkpoint"),
+    "random bytes": (lambda path, marker, good: path.write_bytes(np.random.default_rng(1).bytes(5000)),
+                     "unsafe or corrupted"),
+    "a CSV": (lambda path, marker, good: path.write_text("\n".join(good_lines(False))), "unsafe or corrupted"),
+    "other widths": (write_other_widths, "do not fit this model architecture: size mismatch for features.0.weight"),
+    "other config": (write_with_config(widths=(16, 32)), "do not fit this model architecture"),
+    "unknown config field": (write_with_config(depth=3), "unknown fields ['depth']"),
+    "plain state_dict": (lambda path, marker, good: torch.save(DigitRecognizerModel(ModelConfig()).state_dict(), path),
+                         "not a checkpoint written by this suite"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_is_one_line_exit_2(capsys, tmp_path, out, case):
+    write, expected = BAD_CHECKPOINTS[case]
+    path, marker = tmp_path / "model.pt", tmp_path / "pwned"
+    write(path, marker, out / "ckpt" / "best.pt")
+    before = snapshot(out)
+    code, _, err = cli(capsys, inference, *inference_argv(write_data(tmp_path / "data") / "test.csv", out)[2:],
+                       "--checkpoint", path)
+    assert_user_error(code, err, path, expected)
+    assert not marker.exists() and snapshot(out) == before
+
+
+def test_malicious_checkpoint_runs_no_code_through_the_real_command_line(tmp_path, out):
+    path, marker = tmp_path / "model.pt", tmp_path / "pwned"
+    write_malicious_torch_save(path, marker, None)
+    before = snapshot(out)
+    argv = ["--checkpoint", path, *inference_argv(write_data(tmp_path / "data") / "test.csv", out)[2:]]
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "inference.py"), *map(str, argv)],
+                          capture_output=True, text=True, timeout=300)
+    assert_user_error(done.returncode, done.stderr.strip().splitlines(), path, "refused to load", "GLOBAL")
+    assert not marker.exists() and snapshot(out) == before
+    torch.load(path, weights_only=False)  # control: the payload is live when unpickled unsafely
+    assert marker.exists()
+
+
+def cuda_saved_copy(src, dst):
+    """`src` as if torch.save had written it from CUDA tensors: the only difference in the file is
+    the device string recorded for each storage in data.pkl (pickle memoises it: one occurrence).
+    torch.save uses pickle protocol 2, where that string is BINUNICODE: 'X', 4-byte length, text."""
+    with zipfile.ZipFile(src) as source, zipfile.ZipFile(dst, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("/data.pkl"):
+                assert data.count(b"X\x03\x00\x00\x00cpu") == 1
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            target.writestr(info, data)
+
+
+def test_cuda_saved_checkpoint_loads_on_cpu(capsys, tmp_path, out):
+    path = tmp_path / "cuda.pt"
+    cuda_saved_copy(out / "ckpt" / "best.pt", path)
+    if not torch.cuda.is_available():  # proves the file really asks for CUDA
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    state = load_checkpoint(path)
+    expected = load_checkpoint(out / "ckpt" / "best.pt")["model"]
+    assert all(t.device.type == "cpu" and torch.equal(t, expected[k]) for k, t in state["model"].items())
+    code, _, err = cli(capsys, inference, "--checkpoint", path, "--device", "cpu",
+                       *inference_argv(write_data(tmp_path / "data") / "test.csv", out)[2:])
+    assert (code, err) == (0, [])
+
+
+# ----------------------------------------------------------------------------- numerical faults
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoints(tmp_path, monkeypatch):
+    images, labels = make_digits(160, seed=3)
+    data = DigitDataset(images, labels)
+    train_set, val_set = data.subset(torch.arange(128)), data.subset(torch.arange(128, 160))
+    config = trainer.TrainConfig(epochs=3, batch_size=32)
+    steps_per_epoch = 128 // 32
+    calls = []
+
+    def augment_then_nan_from_epoch_2(x, augment_config, generator):
+        calls.append(None)
+        x = augment(x, augment_config, generator)
+        return x * float("nan") if len(calls) > steps_per_epoch else x
+    monkeypatch.setattr(trainer, "augment", augment_then_nan_from_epoch_2)
+    after_epoch = {}
+
+    def log(line):  # called after each epoch's files are written
+        after_epoch[len(after_epoch) + 1] = snapshot(tmp_path)
+    expected = r"loss became nan in epoch 2; lower --lr .*best\.pt keeps the best weights up to epoch 1"
+    with pytest.raises(trainer.TrainingDiverged, match=expected):
+        trainer.train(DigitRecognizerModel(ModelConfig()), train_set, val_set, config, torch.device("cpu"),
+                      tmp_path, log=log)
+    assert list(after_epoch) == [1]
+    assert snapshot(tmp_path) == after_epoch[1]  # best.pt, last.pt, history.csv: epoch 1's
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
+def test_diverging_run_exits_1_with_one_line_and_writes_no_submission(capsys, tmp_path, kaggle_dir):
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, main, *main_argv(kaggle_dir, out), "--lr", "1e6", "--batch-size", "64")
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("error: loss became nan in epoch 1; lower --lr")
+    assert not (out / "final_submission.csv").exists() and not (out / "ckpt" / "best.pt").exists()
