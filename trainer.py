@@ -167,6 +167,23 @@ class EMA:
             ema_buffer.copy_(buffer)
 
 
+def train_step(net, optimizer, dataset: DigitDataset, batch, config: TrainConfig, generator, device):
+    """One SGD step on the images at indices `batch`: augment, forward, backward, update.
+
+    Returns (loss, number correct) as device tensors, so the loop never waits on them.
+    """
+    x = dataset.images[batch].float().div_(255)  # (B, 1, 28, 28) uint8 -> float in [0, 1]
+    x = augment(x, config.augment, generator).contiguous(memory_format=torch.channels_last)
+    y = dataset.labels[batch]
+    with autocast(device):
+        logits = net(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
 def write_history(path, history):
     lines = [",".join(HISTORY_COLUMNS)]
     for row in history:
@@ -280,20 +297,12 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainCo
                           unit="img", unit_scale=config.batch_size)
         for step in steps:
             batch = order[step * batch_size:(step + 1) * batch_size]
-            x = train_set.images[batch].float().div_(255)  # (B, 1, 28, 28) in [0, 1]
-            x = augment(x, config.augment, generator).contiguous(memory_format=torch.channels_last)
-            y = train_set.labels[batch]
-            with autocast(device):
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, batch_correct = train_step(net, optimizer, train_set, batch, config, generator, device)
             scheduler.step()
             if ema is not None:
                 ema.update(model)
-            loss_sum += loss.detach()
-            correct += (logits.argmax(1) == y).sum()
+            loss_sum += loss
+            correct += batch_correct
             if progress and step % 20 == 0:  # .item() waits for the device: not every step
                 steps.set_postfix({"loss": f"{loss_sum.item() / (step + 1):.3f}",
                                    "acc": f"{correct.item() / ((step + 1) * config.batch_size):.3f}"})
