@@ -7,7 +7,7 @@ Usage:
     python main.py --preset fast                            # about a minute on 2 CPU cores
     python main.py --resume                                 # continue checkpoints/last.pt, same flags
     python main.py --dry-run                                # one batch of everything (smoke test)
-    torchrun --nproc_per_node=2 main.py ...                 # data-parallel; see docs/distributed.md
+    torchrun --nproc_per_node=2 main.py ...                 # data-parallel; see the README
     python main.py --quiet --report ''                      # no bars, no per-epoch lines, no report
 
 After training, reports/ holds learning curves, the validation confusion matrix, the

@@ -36,6 +36,12 @@ def write_csv(path, images, labels=None):
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def run_in_tmp_path(tmp_path, monkeypatch):
+    """Default relative outputs (reports/, checkpoints/, final_submission.csv) land in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def kaggle_dir(tmp_path):
     """A folder with a synthetic train.csv (600 rows) and test.csv (120 rows)."""

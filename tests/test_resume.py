@@ -31,7 +31,7 @@ def data(tmp_path_factory):
 
 def argv(data, out, *extra):
     return ["--data", str(data), "--checkpoint-dir", str(out / "ckpt"), "--submission", str(out / "sub.csv"),
-            *FLAGS, *extra]
+            "--report", str(out / "reports"), *FLAGS, *extra]
 
 
 def command(data, out, *extra):
