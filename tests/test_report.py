@@ -10,39 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import inference  # noqa: E402
-import main as main_module  # noqa: E402
-import report  # noqa: E402
-from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, save_checkpoint  # noqa: E402
-from dataloader import AugmentConfig, DigitDataset  # noqa: E402
-from trainer import HISTORY_COLUMNS, TrainConfig, evaluate, train  # noqa: E402
+import inference
+import main as main_module
+import report
+from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, save_checkpoint
+from conftest import make_digits, write_csv
+from dataloader import AugmentConfig, DigitDataset
+from trainer import HISTORY_COLUMNS, TrainConfig, evaluate, train
 
 CPU = torch.device("cpu")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PNGS = {"learning_curves", "confusion_matrix", "worst_errors", "augmentation"}
-
-
-def _digits(n, seed=0):
-    """(images uint8 (n, 1, 28, 28), labels (n,)): digit k is a bright block at its own spot, plus noise."""
-    rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % 10)
-    images = rng.integers(0, 40, size=(n, 28, 28))
-    for i, k in enumerate(labels):
-        row, col = 4 + 7 * (k // 4), 3 + 6 * (k % 4)
-        images[i, row:row + 4, col:col + 4] = rng.integers(200, 256, size=(4, 4))
-    return torch.from_numpy(images.astype(np.uint8)).view(n, 1, 28, 28), torch.from_numpy(labels.astype(np.int64))
-
-
-def _write_csv(path, images, labels=None):
-    header = ([] if labels is None else ["label"]) + [f"pixel{i}" for i in range(784)]
-    pixels = images.view(len(images), 784).numpy().astype(np.int64)
-    table = pixels if labels is None else np.column_stack([labels.numpy(), pixels])
-    with open(path, "w") as f:
-        f.write(",".join(header) + "\n")
-        np.savetxt(f, table, fmt="%d", delimiter=",")
-    return str(path)
 
 
 def _tiny_model():
@@ -57,7 +35,7 @@ def _history(epochs=3):
 
 @pytest.fixture
 def split():
-    images, labels = _digits(140)
+    images, labels = make_digits(140)
     return DigitDataset(images[:100], labels[:100]), DigitDataset(images[100:], labels[100:])
 
 
@@ -169,19 +147,10 @@ def test_report_skipped_cleanly_without_matplotlib(tmp_path, split, monkeypatch)
 
 # ----------------------------------------------------------------------------- main.py
 
-@pytest.fixture
-def data_dir(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    _write_csv(folder / "train.csv", *_digits(300, seed=1))
-    _write_csv(folder / "test.csv", _digits(40, seed=2)[0])
-    return folder
-
-
 @pytest.mark.parametrize("quiet", [True, False])
-def test_main_report_and_quiet(tmp_path, data_dir, capsys, quiet):
+def test_main_report_and_quiet(tmp_path, kaggle_dir, capsys, quiet):
     report_dir = tmp_path / "reports"
-    argv = ["--data", str(data_dir), "--dry-run", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "ck"),
+    argv = ["--data", str(kaggle_dir), "--dry-run", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "ck"),
             "--submission", str(tmp_path / "submission.csv"), "--report", str(report_dir) if quiet else ""]
     assert main_module.main(argv + (["--quiet"] if quiet else [])) == 0
     out, err = capsys.readouterr()
@@ -206,7 +175,7 @@ def test_main_bad_report_dir_is_one_line_exit_2(tmp_path, capsys):
 # ----------------------------------------------------------------------------- inference.py
 
 def test_inference_probs_output(tmp_path, checkpoint):
-    test_csv = _write_csv(tmp_path / "test.csv", _digits(30, seed=3)[0])
+    test_csv = write_csv(tmp_path / "test.csv", make_digits(30, seed=3)[0])
     submission, probs_path = tmp_path / "submission.csv", tmp_path / "probs.csv"
     argv = ["--checkpoint", checkpoint, "--input", test_csv, "--output", str(submission), "--probs", str(probs_path)]
     assert inference.main(argv) == 0
@@ -220,7 +189,7 @@ def test_inference_probs_output(tmp_path, checkpoint):
 
 def test_inference_report_on_labelled_csv(tmp_path, checkpoint, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    labelled = _write_csv(tmp_path / "train.csv", *_digits(50, seed=4))
+    labelled = write_csv(tmp_path / "train.csv", *make_digits(50, seed=4))
     assert inference.main(["--checkpoint", checkpoint, "--input", labelled, "--report", "rep"]) == 0
     assert sorted(os.listdir("rep")) == ["confusion_matrix.png", "per_class_accuracy.csv", "worst_errors.png"]
     assert pd.read_csv("rep/per_class_accuracy.csv")["images"].sum() == 50
@@ -228,7 +197,7 @@ def test_inference_report_on_labelled_csv(tmp_path, checkpoint, monkeypatch):
 
 
 def test_inference_report_needs_labelled_input(tmp_path, checkpoint, capsys):
-    unlabelled = _write_csv(tmp_path / "test.csv", _digits(20)[0])
+    unlabelled = write_csv(tmp_path / "test.csv", make_digits(20)[0])
     assert inference.main(["--checkpoint", checkpoint, "--input", unlabelled, "--report", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --report needs labelled input:") and "'label'" in err and err.count("\n") == 1
