@@ -159,7 +159,7 @@ def test_main_report_and_quiet(tmp_path, kaggle_dir, capsys, quiet):
     assert len(pd.read_csv(tmp_path / "ck" / "history.csv")) == 1
     if quiet:
         assert set(os.listdir(report_dir)) == {f"{name}.png" for name in ALL_PNGS} | {"per_class_accuracy.csv"}
-        assert "per-class accuracy on 30 validation images" in out
+        assert "per-class accuracy on 60 validation images" in out
     else:
         assert not report_dir.exists() and "per-class" not in out
 
