@@ -34,12 +34,12 @@ from trainer import (TrainConfig, TrainingDiverged, choose_device, close_distrib
 # One block: each preset is a complete recipe; explicit flags override its values.
 # Validation accuracy, seed 0 split, 30 epochs: widths (16, 32, 64) 0.9964, (16, 32, 128) 0.9969
 # at the same speed (the extra channels sit at 5x5).
+DEFAULT_RECIPE = dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 128), ema=0.0, elastic=0.0, ensemble=1,
+                      tta=False)
 PRESETS = {
-    "fast": dict(epochs=4, batch_size=128, lr=0.1, widths=(16, 32, 128), ema=0.0, elastic=0.0, ensemble=1, tta=False),
-    "default": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 128), ema=0.0, elastic=0.0, ensemble=1,
-                    tta=False),
-    "best": dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 128), ema=0.0, elastic=0.0, ensemble=5,
-                 tta=False),
+    "fast": {**DEFAULT_RECIPE, "epochs": 4},  # ~45 s on 2 cores, validation 0.995
+    "default": DEFAULT_RECIPE,  # ~290 s, validation 0.9967
+    "best": {**DEFAULT_RECIPE, "ensemble": 5},  # ~26 min, validation 0.9964 (0.9969 with --tta)
 }
 VAL_FRACTION = 0.1  # stratified hold-out of train.csv used to pick best.pt and report accuracy
 
@@ -49,7 +49,8 @@ def parse_args(argv):
     parser.add_argument("--data", default="data/",
                         help="folder with train.csv and test.csv, or the Kaggle zip (default: data/)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                        help="recipe: fast = quick look, default = leaderboard run (default: default)")
+                        help="recipe: fast = a minute's look, default = leaderboard run, best = 5-model ensemble "
+                             "(default: default)")
     parser.add_argument("--epochs", type=int, help="epochs (default: from --preset; default preset: 30)")
     parser.add_argument("--batch-size", type=int,
                         help="global batch size, split evenly over torchrun processes (default: from --preset; 128)")
