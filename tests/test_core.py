@@ -12,7 +12,7 @@ import torch
 import inference
 import main
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import SHARED_ZIP, make_digits, write_csv
+from conftest import SHARED_ZIP, make_digits
 from dataloader import AugmentConfig, DigitDataset, augment, load_test, load_train, stratified_split, warp
 from trainer import TrainConfig, evaluate, predict_logits, train
 
