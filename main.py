@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run(args)
+        close_distributed(wait_for_peers=True)
     except (DataError, CheckpointError, ValueError, OSError) as e:
         return user_error(e)
     except TrainingDiverged as e:

@@ -77,8 +77,12 @@ def init_distributed(device):
     return device
 
 
-def close_distributed():
+def close_distributed(wait_for_peers=False):
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            # After a good run, let rank 0 finish writing first: a rank that tears gloo down
+            # while its peer is busy can abort ("terminate called without an active exception").
+            dist.barrier()
         dist.destroy_process_group()
 
 
