@@ -142,7 +142,8 @@ def evaluate(model, dataset: DigitDataset, device, max_batches=0):
     """
     images, labels = dataset.images, dataset.labels
     if max_batches:
-        images, labels = images[:max_batches * eval_batch_size(device)], labels[:max_batches * eval_batch_size(device)]
+        limit = max_batches * eval_batch_size(device)
+        images, labels = images[:limit], labels[:limit]
     logits = predict_logits(model, images, device)
     labels = labels.to(logits.device)
     predictions = logits.argmax(1)
