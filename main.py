@@ -5,16 +5,19 @@ Usage:
     python main.py                                          # data/train.csv + data/test.csv
     python main.py --data ../shared/data/digit-recognizer.zip
     python main.py --preset fast                            # about a minute on 2 CPU cores
+    python main.py --preset best                            # 5-model ensemble + TTA, ~27 min
     python main.py --resume                                 # continue checkpoints/last.pt, same flags
     python main.py --dry-run                                # one batch of everything (smoke test)
     torchrun --nproc_per_node=2 main.py ...                 # data-parallel; see the README
     python main.py --quiet --report ''                      # no bars, no per-epoch lines, no report
 
 After training, reports/ holds learning curves, the validation confusion matrix, the
-most confident mistakes, augmented samples and per_class_accuracy.csv for best.pt.
+most confident mistakes, augmented samples and per_class_accuracy.csv for best.pt
+(not under --full-train, which leaves no validation split).
 Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.csv -m "..."
 """
 
+import argparse
 import os
 import shlex
 import signal
@@ -35,11 +38,13 @@ from trainer import (TrainConfig, TrainingDiverged, choose_device, close_distrib
 # Validation accuracy, seed 0 split, 30 epochs: widths (16, 32, 64) 0.9964, (16, 32, 128) 0.9969
 # at the same speed (the extra channels sit at 5x5).
 DEFAULT_RECIPE = dict(epochs=30, batch_size=128, lr=0.1, widths=(16, 32, 128), ema=0.0, elastic=0.0, ensemble=1,
-                      tta=False)
+                      tta=False, full_train=False)
 PRESETS = {
     "fast": {**DEFAULT_RECIPE, "epochs": 4},  # ~45 s on 2 cores, validation 0.995
     "default": DEFAULT_RECIPE,  # ~290 s, validation 0.9967
-    "best": {**DEFAULT_RECIPE, "ensemble": 5},  # ~26 min, validation 0.9964 (0.9969 with --tta)
+    # Scored on two outer hold-outs (4,200 rows each, never trained on or selected with):
+    # 0.9974 and 0.9981; refit on all rows (--full-train) gave 0.9971 and 0.9981.
+    "best": {**DEFAULT_RECIPE, "ensemble": 5, "tta": True},  # ~27 min on 2 cores
 }
 VAL_FRACTION = 0.1  # stratified hold-out of train.csv used to pick best.pt and report accuracy
 
@@ -49,7 +54,8 @@ def parse_args(argv):
     parser.add_argument("--data", default="data/",
                         help="folder with train.csv and test.csv, or the Kaggle zip (default: data/)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                        help="recipe: fast = a minute's look, default = leaderboard run, best = 5-model ensemble "
+                        help="recipe: fast = a minute's look, default = one model, best = 5-model ensemble "
+                             "with TTA "
                              "(default: default)")
     parser.add_argument("--epochs", type=int, help="epochs (default: from --preset; default preset: 30)")
     parser.add_argument("--batch-size", type=int,
@@ -63,10 +69,10 @@ def parse_args(argv):
     parser.add_argument("--ensemble", type=int, metavar="N",
                         help="train N members with seeds seed..seed+N-1 and average their softmax "
                              "(default: from --preset; default preset: 1)")
-    parser.add_argument("--tta", action="store_true", default=None,
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction,
                         help="test-time augmentation: average over shifted/rotated views "
-                             "(default: from --preset; off)")
-    parser.add_argument("--full-train", action="store_true",
+                             "(default: from --preset; on for best, else off)")
+    parser.add_argument("--full-train", action=argparse.BooleanOptionalAction,
                         help="train on all rows with no validation split; the epoch count is the one "
                              "chosen on validation runs of the preset (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed for split, init, shuffle and augmentation (default: 0)")
@@ -158,8 +164,11 @@ def run(args, log=print):
                 f"{', TTA' if args.tta else ''}): {val_accuracy:.4f}")
         probs = predict_probs(models, test_images, device, tta=args.tta)
         write_submission(args.submission, probs.argmax(1))
-        if args.report:
-            write_report(args.report, val_set, val_probs, history=histories[-1], augment_config=config.augment, train_set=train_set, log=log)
+        if args.report and len(val_set):
+            write_report(args.report, val_set, val_probs, history=histories[-1], augment_config=config.augment,
+                         train_set=train_set, log=log)
+        elif args.report:
+            log(f"no report in {args.report}: --full-train leaves no validation images to report on")
     seconds = time.perf_counter() - started
     log(f"wrote {args.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
     return {"histories": histories, "val_accuracy": val_accuracy, "checkpoints": checkpoints,

@@ -38,8 +38,18 @@ def test_full_train_uses_every_row_and_says_so(kaggle_dir, tmp_path, capsys):
                       "--submission", str(tmp_path / "s.csv")]) == 0
     out = capsys.readouterr().out
     assert "600 train / 0 validation" in out and "no validation split" in out
+    assert "no report in reports/" in out and not list((tmp_path / "reports").iterdir())
     assert load_checkpoint(str(ck / "best.pt"))["epoch"] == 1
     assert len(pd.read_csv(tmp_path / "s.csv")) == 120
+
+
+def test_best_preset_has_tta_that_a_flag_turns_off():
+    best = main.parse_args(["--preset", "best"])
+    assert (best.ensemble, best.tta, best.full_train) == (5, True, False)
+    plain = main.parse_args(["--preset", "best", "--no-tta", "--full-train"])
+    assert (plain.ensemble, plain.tta, plain.full_train) == (5, False, True)
+    default = main.parse_args(["--tta"])
+    assert (default.ensemble, default.tta, default.full_train) == (1, True, False)
 
 
 def test_ema_tracks_weights_with_its_decay():
