@@ -55,8 +55,7 @@ def parse_args(argv):
                         help="folder with train.csv and test.csv, or the Kaggle zip (default: data/)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
                         help="recipe: fast = a minute's look, default = one model, best = 5-model ensemble "
-                             "with TTA "
-                             "(default: default)")
+                             "with TTA (default: default)")
     parser.add_argument("--epochs", type=int, help="epochs (default: from --preset; default preset: 30)")
     parser.add_argument("--batch-size", type=int,
                         help="global batch size, split evenly over torchrun processes (default: from --preset; 128)")
