@@ -1,9 +1,13 @@
-"""The CNN, its config, and the one place checkpoints are saved and loaded.
+"""The CNNs, their config, the architecture registry, and the one place checkpoints are
+saved and loaded.
 
-A checkpoint is a plain dict of tensors and Python types: it stores the model's
-config next to its weights, so `model_from_checkpoint` rebuilds the network from the
-file alone, and every load uses `torch.load(..., weights_only=True)` so a checkpoint
-can never run code.
+A checkpoint is a plain dict of tensors and Python types: it stores the model's config
+(architecture name included) next to its weights, so `model_from_checkpoint` rebuilds
+the network from the file alone, and every load uses `torch.load(..., weights_only=True)`
+so a checkpoint can never run code.
+
+Adding an architecture: write an nn.Module class that takes a ModelConfig, decorate it
+with `@register("name")`; `--arch name` then trains it and every checkpoint of it loads.
 """
 
 import os
@@ -17,23 +21,37 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from dataloader import atomic_open
+from cli import UserError, setting
+from files import atomic_open
 
 # Mean and std of MNIST pixels scaled to [0, 1]; the model normalises its own input so
 # every caller feeds it plain [0, 1] images.
 PIXEL_MEAN = 0.1307
 PIXEL_STD = 0.3081
+NUM_CLASSES = 10  # digits; a submission's Label is one of them
+MAX_WIDTH = 1024  # channels per layer; far above anything useful on 28x28 digits
+
+ARCHITECTURES = {}  # name -> nn.Module class taking a ModelConfig
 
 
-class CheckpointError(Exception):
+def register(name):
+    """Class decorator: make an architecture available as `--arch name`."""
+    def add(cls):
+        ARCHITECTURES[name] = cls
+        return cls
+    return add
+
+
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, corrupt, unsafe or for another model."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    widths: tuple = (16, 32, 128)  # channels of the 28x28, 14x14 and 5x5 stages
-    dropout: float = 0.1  # before the classifier
-    num_classes: int = 10
+    arch: str = setting("cnn", "architecture", choices=lambda: sorted(ARCHITECTURES))
+    widths: tuple = setting((16, 32, 128), "channels of the conv stages", low=1, high=MAX_WIDTH)
+    dropout: float = setting(0.1, "dropout before the classifier", low=0, high=1, high_open=True)
+    num_classes: int = NUM_CLASSES
 
 
 def conv_bn_relu(in_channels, out_channels, padding=1):
@@ -45,6 +63,17 @@ def conv_bn_relu(in_channels, out_channels, padding=1):
     ]
 
 
+def fuse_batchnorm_(sequential: nn.Sequential):
+    """Fold each BatchNorm of `sequential` into the conv before it, in place (eval only):
+    the separate normalisation passes over the activations vanish."""
+    layers = list(sequential)
+    for i, (conv, norm) in enumerate(zip(layers, layers[1:])):
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            sequential[i] = fuse_conv_bn_eval(conv, norm)
+            sequential[i + 1] = nn.Identity()
+
+
+@register("cnn")
 class DigitRecognizerModel(nn.Module):
     """Two conv-conv-pool stages and a valid 3x3 conv, then a linear classifier.
 
@@ -54,6 +83,8 @@ class DigitRecognizerModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if len(config.widths) != 3:
+            raise ValueError(f"the cnn architecture takes 3 widths, got {len(config.widths)}")
         self.config = config
         c1, c2, c3 = config.widths
         self.features = nn.Sequential(
@@ -73,36 +104,46 @@ class DigitRecognizerModel(nn.Module):
 
     @torch.no_grad()
     def fuse_batchnorm_(self):
-        """Fold each BatchNorm into the conv before it, in place, for inference only.
-
-        Measured on 2 CPU cores: predicting 28,000 images drops from ~3.7 s to ~2.1 s
-        (under load), as the separate normalisation passes over the activations vanish.
-        """
-        self.eval()
-        layers = list(self.features)
-        for i, (conv, norm) in enumerate(zip(layers, layers[1:])):
-            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-                self.features[i] = fuse_conv_bn_eval(conv, norm)
-                self.features[i + 1] = nn.Identity()
+        """For inference only: BatchNorm folded into the convolutions (see bench.py)."""
+        fuse_batchnorm_(self.eval().features)
         return self
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The registered architecture `config.arch`, built from `config`."""
+    if config.arch not in ARCHITECTURES:
+        raise CheckpointError(f"unknown architecture '{config.arch}'; known: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[config.arch](config)
 
 
 def config_from_dict(values: dict) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"model config has unknown fields {sorted(unknown)}")
+    if not isinstance(values, dict) or set(values) - known:
+        raise ValueError(f"model config has unknown fields {sorted(set(values) - known)}")
     values = dict(values)
     if "widths" in values:
         values["widths"] = tuple(values["widths"])
-    return ModelConfig(**values)
+    config = ModelConfig(**values)
+    if config.num_classes != NUM_CLASSES:
+        raise ValueError(f"it predicts {config.num_classes} classes, not the {NUM_CLASSES} digits")
+    if not all(isinstance(w, int) and 1 <= w <= MAX_WIDTH for w in config.widths):
+        raise ValueError(f"widths {config.widths} are outside 1-{MAX_WIDTH}")
+    return config
 
 
 def save_checkpoint(path, model, **extra):
-    """Write {'model_config', 'model', **extra} to `path` atomically (temp file + rename)."""
+    """Write {'model_config', 'model', **extra} to `path` atomically (temp file + rename).
+
+    torch.save reports a full disk as RuntimeError ("unexpected pos"): that, like an
+    OSError, leaves the old file in place and becomes one line naming `path`.
+    """
     state = {"model_config": asdict(model.config), "model": model.state_dict(), **extra}
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save(state, f)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: could not be written ({_first_line(e)}); is the disk full? "
+                              f"The previous file, if any, is unchanged") from None
 
 
 # torch's weights_only refusal is a paragraph; this finds its sentence naming the refused
@@ -139,17 +180,40 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {_first_line(e)}") from None
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "model_config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by this suite (no model config and weights)")
     return state
 
 
-def model_from_checkpoint(state: dict, path="checkpoint") -> DigitRecognizerModel:
-    """Rebuild the model a checkpoint describes and load its weights."""
+def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights.
+
+    The config is checked against the stored tensors on the meta device first (no memory),
+    so a config that claims huge layers fails before anything is allocated.
+    """
     try:
-        model = DigitRecognizerModel(config_from_dict(state["model_config"]))
-        model.load_state_dict(state["model"])
-    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        config = config_from_dict(state["model_config"])
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in build_model(config).state_dict().items()}
+        stored = state["model"]
+        for key, shape in expected.items():
+            tensor = stored.get(key)
+            if not isinstance(tensor, torch.Tensor) or tensor.shape != shape:
+                found = "missing" if tensor is None else tuple(getattr(tensor, "shape", ()))
+                raise ValueError(f"{key} is {found}, the config needs {tuple(shape)}")
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in stored.values()):
+            raise ValueError("its weights hold NaN or Inf values (a diverged run?)")
+        model = build_model(config)
+        model.load_state_dict(stored)
+    except CheckpointError:
+        raise
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
         reason = _first_line(e, skip="Error(s) in loading")  # then the first mismatch
-        raise CheckpointError(f"{path}: weights do not fit this model architecture: {reason}") from None
+        raise CheckpointError(f"{path}: cannot be used: {reason}; use a checkpoint written by this suite") from None
     return model
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+

@@ -19,11 +19,13 @@ import time
 import torch
 import torch.nn as nn
 
-import main
-from DigitRecognizerModel import DigitRecognizerModel, ModelConfig
-from dataloader import DataError, DigitDataset, atomic_write_text, load_test, load_train, stratified_split
-from inference import ArgumentParser, load_models, predict_file, predict_probs, user_error
-from trainer import TrainConfig, choose_device, train, train_step
+from DigitRecognizerModel import build_model, count_parameters
+from cli import ArgumentParser, UserError, choose_device, exit_code_of_user_error
+from dataloader import DigitDataset, load_test, load_train, stratified_split
+from files import atomic_write_text
+from inference import load_models, predict_file, predict_probs
+from recipe import VAL_FRACTION, preset
+from trainer import BatchSource, train, train_step
 
 FP32_FLOPS_PER_CYCLE = {"AVX512": 64, "AVX2": 32}  # 2 FMA units x SIMD lanes x 2 FLOPs
 
@@ -76,19 +78,18 @@ def cpu_peak():
     }
 
 
-def train_step_throughput(widths, batch_size, dataset, device, steps=60):
+def train_step_throughput(recipe, dataset, device, steps=60):
     """Images/s of the bare training step (augmentation, forward, backward, SGD update)."""
-    model = DigitRecognizerModel(ModelConfig(widths=widths)).to(device).to(memory_format=torch.channels_last).train()
+    model = build_model(recipe.model).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    generator = torch.Generator(device=device).manual_seed(0)
-    config = TrainConfig(batch_size=batch_size)
-    batches = torch.randperm(len(dataset), generator=generator).split(batch_size)
-    for batch in batches[:5]:  # warm-up: oneDNN picks its kernels on the first calls
-        train_step(model, optimizer, dataset, batch, config, generator, device)
+    batches = BatchSource(dataset, recipe.train.batch_size, recipe.augment, seed=0, device=device,
+                          max_steps=5 + steps).epoch(0)
+    for _, (images, labels) in zip(range(5), batches):  # warm-up: oneDNN picks its kernels on the first calls
+        train_step(model, optimizer, images, labels, recipe.train.label_smoothing, device)
     started = time.perf_counter()
-    for batch in batches[5:5 + steps]:
-        train_step(model, optimizer, dataset, batch, config, generator, device)
-    return steps * batch_size / (time.perf_counter() - started)
+    for images, labels in batches:
+        train_step(model, optimizer, images, labels, recipe.train.label_smoothing, device)
+    return steps * recipe.train.batch_size / (time.perf_counter() - started)
 
 
 def first_time_reaching(history, target):
@@ -102,7 +103,7 @@ def first_time_reaching(history, target):
 
 def run(args):
     device = choose_device("cpu")
-    preset = main.PRESETS["fast" if args.quick else "default"]
+    recipe = preset("fast" if args.quick else "default")
     results = {"preset": "fast" if args.quick else "default", "torch": torch.__version__, "machine": cpu_peak()}
 
     started = time.perf_counter()
@@ -112,25 +113,22 @@ def run(args):
     test_images = load_test(args.data)
     results["load_test_s"] = time.perf_counter() - started
 
-    widths, batch_size = preset["widths"], preset["batch_size"]
-    probe = DigitRecognizerModel(ModelConfig(widths=widths))
+    probe = build_model(recipe.model)
     macs = multiply_adds_per_image(probe)
     train_flops_per_image = 3 * 2 * macs  # forward + backward (2x forward)
     full = DigitDataset(images, labels)
-    step_rate = train_step_throughput(widths, batch_size, full, device)
-    results["model"] = {"widths": list(widths), "multiply_adds_per_image": macs,
-                        "parameters": sum(p.numel() for p in probe.parameters())}
+    step_rate = train_step_throughput(recipe, full, device)
+    results["model"] = {"arch": recipe.model.arch, "widths": list(recipe.model.widths),
+                        "multiply_adds_per_image": macs, "parameters": count_parameters(probe)}
     results["train_step_images_per_s"] = step_rate
     results["train_step_gflops"] = step_rate * train_flops_per_image / 1e9
     results["train_step_fraction_of_peak"] = results["train_step_gflops"] / results["machine"]["peak_gflops"]
 
-    train_idx, val_idx = stratified_split(labels, main.VAL_FRACTION, seed=0)
+    train_idx, val_idx = stratified_split(labels, VAL_FRACTION, seed=0)
     torch.manual_seed(0)
-    model = DigitRecognizerModel(ModelConfig(widths=widths))
-    config = TrainConfig(epochs=preset["epochs"], batch_size=batch_size, lr=preset["lr"])
     with tempfile.TemporaryDirectory() as checkpoint_dir:
-        history = train(model, full.subset(train_idx), full.subset(val_idx), config, device, checkpoint_dir,
-                        log=lambda *_: None, progress=False)
+        history = train(build_model(recipe.model), full.subset(train_idx), full.subset(val_idx), recipe, device,
+                        checkpoint_dir, log=lambda *_: None, progress=False)
         epoch_seconds = [row["seconds"] for row in history]
         results["epochs"] = len(history)
         results["seconds_per_epoch"] = sum(epoch_seconds) / len(epoch_seconds)
@@ -157,7 +155,7 @@ def print_table(r):
         ("machine", f"{m['cpu']} {m['simd']}, {m['threads']} threads, torch {r['torch']}"),
         ("FMA peak (estimate)", f"{m['peak_gflops']:.0f} GFLOP/s = {m['derivation']}"),
         ("sgemm 2048 (measured)", f"{m['sgemm_gflops']:.0f} GFLOP/s"),
-        ("model", f"widths {r['model']['widths']}, {r['model']['parameters']:,} params, "
+        ("model", f"{r['model']['arch']} widths {r['model']['widths']}, {r['model']['parameters']:,} params, "
                   f"{r['model']['multiply_adds_per_image'] / 1e6:.2f}M multiply-adds/image"),
         ("load train.csv", f"{r['load_train_s']:.2f} s"),
         ("load test.csv", f"{r['load_test_s']:.2f} s"),
@@ -184,8 +182,8 @@ def main_cli(argv=None):
     args = parser.parse_args(argv)
     try:
         results = run(args)
-    except DataError as e:
-        return user_error(e)
+    except UserError as e:
+        return exit_code_of_user_error(e)
     print_table(results)
     atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
     return 0

@@ -8,10 +8,8 @@ Augmentation is a batched random affine warp (rotation, scale, shear, shift) plu
 optional elastic distortion, done with `affine_grid`/`grid_sample` on the training device.
 """
 
-import contextlib
 import math
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
@@ -21,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from cli import UserError, setting
+
 IMAGE_SIDE = 28
 NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(NUM_PIXELS)]
 CHUNK_ROWS = 8192  # rows per pandas chunk: bounded memory (~50 MB of int64) at full speed
-_UMASK = os.umask(0o022)  # os.umask can only be read by setting it: set it back at once
-os.umask(_UMASK)
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Unusable input data; the message is one line: what, where, how to fix."""
 
 
@@ -199,44 +197,6 @@ def load_test(path, log=print):
     return load_digit_csv(path, "test.csv", labelled=False, log=log)[0]
 
 
-@contextlib.contextmanager
-def atomic_open(path, mode="w"):
-    """Open a temp file next to `path`; on success it is synced and renamed onto `path`.
-
-    Readers see the old file or the complete new one, never a torn one, whatever happens
-    mid-write (exception, Ctrl-C, kill -9, power loss); on an exception the temp file goes.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        with open(fd, mode, newline=None if "b" in mode else "") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
-
-
-def atomic_write_text(path, text):
-    with atomic_open(path) as f:
-        f.write(text)
-
-
-def atomic_write_bytes(path, data: bytes):
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-
-
-def check_output_file(path):
-    """DataError now, before any work, if `path` cannot be an output file (it is a folder)."""
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a folder; pass a file path, e.g. {os.path.join(path, 'final_submission.csv')}")
-
-
 # ----------------------------------------------------------------------------- dataset
 
 class DigitDataset(Dataset):
@@ -275,6 +235,7 @@ def stratified_split(labels, val_fraction, seed):
         members = torch.nonzero(labels == digit).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         n_val = int(round(val_fraction * len(members)))
+        n_val = max(n_val, 1) if len(members) >= 2 else n_val  # a tiny class still gets validated
         val_parts.append(members[:n_val])
         train_parts.append(members[n_val:])
     return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
@@ -282,14 +243,15 @@ def stratified_split(labels, val_fraction, seed):
 
 # ----------------------------------------------------------------------------- augmentation
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentConfig:
-    rotate_deg: float = 10.0  # max rotation, degrees either way
-    scale: float = 0.1  # zoom factor drawn from [1 - scale, 1 + scale]
-    shear: float = 0.1  # max shear, as tan(angle)
-    shift: float = 0.1  # max shift, fraction of the image side (0.1 = 2.8 px)
-    elastic_alpha: float = 0.0  # elastic distortion strength in pixels (0 = off)
-    elastic_sigma: float = 4.0  # smoothness of the elastic field, pixels
+    rotate_deg: float = setting(10.0, "max rotation, degrees either way", low=0, high=180, flag="--rotate")
+    scale: float = setting(0.1, "zoom drawn from [1 - scale, 1 + scale]", low=0, high=1, high_open=True)
+    shear: float = setting(0.1, "max shear, as tan(angle)", low=0, high=1)
+    shift: float = setting(0.1, "max shift, fraction of the image side (0.1 = 2.8 px)", low=0, high=0.5)
+    elastic_alpha: float = setting(0.0, "elastic distortion, max displacement in pixels, 0 = off", low=0,
+                                   high=28, flag="--elastic")
+    elastic_sigma: float = setting(4.0, "smoothness of the elastic field, pixels", low=0.5, high=28)
 
     @property
     def enabled(self):

@@ -1,10 +1,10 @@
 """Predict the Kaggle test set with one or more checkpoints and write the submission.
 
 Usage:
-    python inference.py --checkpoint checkpoints/best.pt
+    python inference.py --checkpoint checkpoints/best.pt                # data/ or the Kaggle input folder
     python inference.py --checkpoint checkpoints/best.pt --input ../shared/data/digit-recognizer.zip
     python inference.py --checkpoint a/best.pt b/best.pt --tta --output ensemble.csv
-    python inference.py --checkpoint checkpoints/best.pt --input ../shared/data/digit-recognizer.zip --report reports/
+    python inference.py --checkpoint checkpoints/best.pt --input data/train.csv --report reports/
 
 Several checkpoints are an ensemble: their softmax outputs are averaged. The test file
 is read, predicted and (with --probs) written out chunk by chunk; only the predicted
@@ -15,37 +15,61 @@ train.csv, a checkpoint is judged mostly on images it was trained on: expect opt
 numbers.
 """
 
-import argparse
 import contextlib
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 
-from DigitRecognizerModel import CheckpointError, load_checkpoint, model_from_checkpoint
-from dataloader import (CHUNK_ROWS, DataError, DigitDataset, atomic_open, check_output_file, iter_digit_csv,
-                        load_digit_csv, warp)
-from report import prepare_report_dir, write_report
-from trainer import choose_device, predict_logits
-
-# Test-time augmentation: the image itself plus fixed small shifts (pixels) and rotations
-# (degrees); the softmax outputs over all views are averaged.
-TTA_VIEWS = [(0, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1), (8, 0, 0), (-8, 0, 0)]
+from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
+from cli import ArgumentParser, UserError, choose_device, exit_code_of_user_error
+from dataloader import CHUNK_ROWS, DataError, DigitDataset, iter_digit_csv, load_digit_csv, warp
+from files import atomic_open, check_outputs
+from report import report_files, write_report
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line and exits 2."""
+class View(NamedTuple):
+    """A fixed warp of every test image: rotation in degrees, shifts in pixels."""
+    rotate_deg: float = 0.0
+    shift_x_px: float = 0.0
+    shift_y_px: float = 0.0
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+# Test-time augmentation: the image itself plus small shifts and rotations; the softmax
+# outputs over all views are averaged.
+TTA_VIEWS = [View(), View(0, 1, 0), View(0, -1, 0), View(0, 0, 1), View(0, 0, -1), View(8, 0, 0), View(-8, 0, 0)]
 
 
-def user_error(error) -> int:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+def eval_batch_size(device):
+    # On 2 CPU cores a small batch keeps the activations in cache (see the README's speed
+    # section); a GPU wants big batches.
+    return 4096 if device.type == "cuda" else 256
+
+
+def autocast(device):
+    # bf16 on CUDA only; the CPU path stays float32 (AVX2-only CPUs have no bf16 units).
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.inference_mode()
+def predict_logits(model, images, device, batch_size=None, view: View = View()):
+    """Logits (N, classes) in float32 for uint8 images (N, 1, 28, 28), in eval mode."""
+    model.eval()
+    batch_size = batch_size or eval_batch_size(device)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+        if view != View():
+            x = warp(x, *view)
+        with autocast(device):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        outputs.append(logits.float())
+    return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=device)
 
 
 def load_models(paths, device):
+    """The models of checkpoint `paths`, BatchNorm folded, ready to predict on `device`."""
     models = []
     for path in paths:
         model = model_from_checkpoint(load_checkpoint(path, map_location="cpu"), path).fuse_batchnorm_()
@@ -58,10 +82,8 @@ def predict_probs(models, images, device, tta=False):
     views = TTA_VIEWS if tta else TTA_VIEWS[:1]
     total = None
     for model in models:
-        for rotate_deg, shift_x, shift_y in views:
-            transform = None if (rotate_deg, shift_x, shift_y) == (0, 0, 0) else (
-                lambda x, r=rotate_deg, dx=shift_x, dy=shift_y: warp(x, r, dx, dy))
-            probs = predict_logits(model, images, device, transform=transform).softmax(1)
+        for view in views:
+            probs = predict_logits(model, images, device, view=view).softmax(1)
             total = probs if total is None else total + probs
     return (total / (len(models) * len(views))).cpu()
 
@@ -92,7 +114,6 @@ def write_probability_rows(f, probs, first_image_id=1):
 
 def report_file(models, input_path, report_dir, device, tta=False, log=print):
     """Score a labelled CSV and write the report into `report_dir`; returns (probabilities, paths)."""
-    prepare_report_dir(report_dir)
     try:
         images, labels = load_digit_csv(input_path, "train.csv", labelled=True, log=log)
     except DataError as e:
@@ -111,6 +132,13 @@ def write_submission(path, predictions):
             f.writelines(f"{i},{label}\n" for i, label in enumerate(block, start=start + 1))
 
 
+def csv_files(path, name):
+    """The files a --data/--input `path` stands for when reading `name` (for collision checks)."""
+    if os.path.isdir(path):
+        return [os.path.join(path, name), os.path.join(path, name + ".gz")]
+    return [path]
+
+
 def parse_args(argv):
     parser = ArgumentParser(description="Write a Kaggle submission from trained checkpoints, "
                                         "or (--report) score them on a labelled file.")
@@ -125,36 +153,53 @@ def parse_args(argv):
                         help="score the labelled --input instead of writing a submission, and write the confusion "
                              "matrix, worst errors and per_class_accuracy.csv here (default: off)")
     parser.add_argument("--probs", default=None, metavar="PATH",
-                        help="also write per-class probabilities ImageId,p0..p9 here (default: off)")
+                        help="also write per-class probabilities ImageId,p0..p9 here; the models were trained "
+                             "with label smoothing 0.1, so a sure prediction reads about 0.9, not 1.0 "
+                             "(default: off)")
     parser.add_argument("--tta", action="store_true", help="average over shifted/rotated views (default: off)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     args = parser.parse_args(argv)
-    if args.report and args.output:
+    if args.report is not None and args.output:
         parser.error("--report scores a labelled file and writes no submission; drop --output")
     args.input = args.input or ("data/train.csv" if args.report else "data/test.csv")
-    args.output = args.output or "final_submission.csv"
+    args.output = None if args.report is not None else (args.output or "final_submission.csv")
     return args
+
+
+def planned_outputs(args):
+    """[(flag, path)] of every file this command will write."""
+    outputs = [("--output", args.output)] if args.output is not None else []
+    if args.probs is not None:
+        outputs.append(("--probs", args.probs))
+    if args.report is not None:
+        outputs += [("--report", path) for path in report_files(args.report)]
+    return outputs
+
+
+def run(args, log=print):
+    """Predict (or, with --report, score) and write; returns the number of rows predicted."""
+    inputs = [*args.checkpoint, *csv_files(args.input, "train.csv" if args.report else "test.csv")]
+    check_outputs(planned_outputs(args), inputs)
+    device = choose_device(args.device)
+    models = load_models(args.checkpoint, device)
+    with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:
+        if args.report is not None:
+            probs, _ = report_file(models, args.input, args.report, device, tta=args.tta, log=log)
+            if probs_file is not None:
+                write_probability_rows(probs_file, probs)
+            return len(probs)
+        predictions = predict_file(models, args.input, device, tta=args.tta, probs_file=probs_file, log=log)
+        write_submission(args.output, predictions)
+    log(f"wrote {args.output} ({len(predictions):,} rows) from {len(models)} checkpoint(s)")
+    return len(predictions)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        for path in filter(None, (args.output, args.probs)):
-            check_output_file(path)
-        device = choose_device(args.device)
-        models = load_models(args.checkpoint, device)
-        with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:
-            if args.report:
-                probs, _ = report_file(models, args.input, args.report, device, tta=args.tta)
-                if probs_file is not None:
-                    write_probability_rows(probs_file, probs)
-            else:
-                predictions = predict_file(models, args.input, device, tta=args.tta, probs_file=probs_file)
-                write_submission(args.output, predictions)
-    except (DataError, CheckpointError, ValueError, OSError) as e:
-        return user_error(e)
-    if not args.report:
-        print(f"wrote {args.output} ({len(predictions):,} rows) from {len(models)} checkpoint(s)")
+        run(args)
+    except UserError as e:
+        return exit_code_of_user_error(e)
     return 0
 
 

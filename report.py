@@ -15,7 +15,8 @@ import os
 import numpy as np
 import torch
 
-from dataloader import AugmentConfig, DigitDataset, atomic_write_bytes, atomic_write_text, augment
+from dataloader import AugmentConfig, DigitDataset, augment
+from files import atomic_write_bytes, atomic_write_text
 
 PER_CLASS_COLUMNS = ["digit", "images", "correct", "accuracy", "most_confused_with", "confused_count"]
 SKIPPED_NO_MATPLOTLIB = "report skipped: matplotlib is not installed (pip install -r requirements.txt)"
@@ -24,13 +25,13 @@ AUGMENTED_VIEWS = 4  # augmented versions drawn under each original
 DPI = 100
 
 
-def prepare_report_dir(path):
-    """Create the report folder up front, so a bad --report fails before a long run, not after."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--report {path}: cannot create the folder ({e.strerror or type(e).__name__})") from None
-    return path
+REPORT_FILES = ["per_class_accuracy.csv", "learning_curves.png", "confusion_matrix.png", "worst_errors.png",
+                "augmentation.png"]
+
+
+def report_files(report_dir):
+    """Every file a report may write into `report_dir` (checked before a run starts)."""
+    return [os.path.join(report_dir, name) for name in REPORT_FILES]
 
 
 # ----------------------------------------------------------------------------- numbers

@@ -1,7 +1,7 @@
 """The train/eval loop: SGD with a one-cycle LR schedule, label smoothing, checkpoints, resume.
 
-The whole training set lives on the device as one uint8 tensor; each epoch is a
-`randperm` cut into batch slices, augmented as a batch on the device. Every epoch's
+The whole training set lives on the device as one uint8 tensor; `BatchSource` cuts each
+epoch's `randperm` into batch slices and augments each batch on the device. Every epoch's
 shuffle, augmentation and dropout are seeded from (seed, epoch), so a run resumed from
 `last.pt` repeats exactly what the uninterrupted run would have done.
 
@@ -12,11 +12,12 @@ sharded too and its sums all-reduced; only rank 0 writes files.
 """
 
 import copy
+import hashlib
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, save_checkpoint
-from dataloader import AugmentConfig, DigitDataset, atomic_write_text, augment
+from cli import setting
+from dataloader import AugmentConfig, DigitDataset, augment
+from files import atomic_write_text
+from inference import autocast, eval_batch_size, predict_logits
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -33,28 +37,19 @@ class TrainingDiverged(Exception):
     """The loss became NaN or Inf."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1  # peak of the one-cycle schedule
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    warmup_fraction: float = 0.2  # share of steps spent rising to the peak LR
-    ema_decay: float = 0.0  # 0 = off; else evaluate and save an exponential moving average
-    seed: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    max_steps_per_epoch: int = 0  # 0 = all; --dry-run sets 1
+    epochs: int = setting(30, "epochs", low=1, high=10_000)
+    batch_size: int = setting(128, "global batch size, split evenly over torchrun processes", low=1, high=65_536)
+    lr: float = setting(0.1, "peak learning rate of the one-cycle schedule", low=1e-6, high=100)
+    momentum: float = setting(0.9, "SGD Nesterov momentum", low=0, high=1, high_open=True)
+    weight_decay: float = setting(5e-4, "L2 weight decay", low=0, high=1)
+    label_smoothing: float = setting(0.1, "label smoothing of the training loss", low=0, high=1, high_open=True)
+    warmup: float = setting(0.2, "share of the steps spent rising to the peak LR", low=0.01, high=0.99)
+    ema: float = setting(0.0, "weight EMA decay per step, 0 = off", low=0, high=1, high_open=True)
 
 
-def choose_device(name="auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
-
+# ----------------------------------------------------------------------------- processes
 
 def init_distributed(device):
     """Join torchrun's process group when WORLD_SIZE > 1; returns this process's device.
@@ -100,40 +95,74 @@ def _sum_over_ranks(values, device):
     return total
 
 
-def _merge_validation(val, device):
-    """Loss and accuracy over every rank's disjoint validation shard (each sample once)."""
-    count = len(val["predictions"])
-    total = _sum_over_ranks([val["loss"] * count, val["accuracy"] * count, count] if count else [0.0] * 3, device)
-    loss, accuracy = (total[:2] / total[2]).tolist()  # NaN when the validation set is empty
-    return {"loss": loss, "accuracy": accuracy}
+# ----------------------------------------------------------------------------- batches
+
+class BatchSource:
+    """This rank's augmented training batches, epoch by epoch.
+
+    `for images, labels in batches.epoch(e):` gives float (B, 1, 28, 28) channels-last
+    images and int64 (B,) labels. Each epoch's permutation is seeded from (seed, epoch)
+    and the same on every rank, which takes its own equal shard of it; augmentation and
+    dropout are seeded per rank. The last partial batch is dropped.
+    """
+
+    def __init__(self, dataset: DigitDataset, batch_size, augment_config: AugmentConfig, seed, device,
+                 max_steps=0):
+        self.dataset, self.augment_config, self.seed, self.device = dataset, augment_config, seed, device
+        self.rank, world_size = rank_and_world_size()
+        # Equal disjoint shards, so every rank runs the same number of steps; with the global
+        # batch split evenly, the step count and LR schedule do not depend on the world size.
+        self.batch_size, self.shard_size = batch_size // world_size, len(dataset) // world_size
+        self.steps = max(1, self.shard_size // self.batch_size)
+        if max_steps:
+            self.steps = min(self.steps, max_steps)
+
+    def epoch(self, epoch):
+        epoch_seed = self.seed * 1000 + epoch
+        rank_seed = epoch_seed + (self.rank << 32)  # == epoch_seed on rank 0 and in a single process
+        torch.manual_seed(rank_seed)  # dropout
+        generator = torch.Generator(device=self.device).manual_seed(epoch_seed)
+        order = torch.randperm(len(self.dataset), generator=generator, device=self.device)  # same on every rank
+        order = order[self.rank * self.shard_size:(self.rank + 1) * self.shard_size]
+        if self.rank:
+            generator.manual_seed(rank_seed)  # augmentation differs per rank
+        for step in range(self.steps):
+            batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+            images = self.dataset.images[batch].float().div_(255)  # (B, 1, 28, 28) uint8 -> [0, 1]
+            images = augment(images, self.augment_config, generator).contiguous(memory_format=torch.channels_last)
+            yield images, self.dataset.labels[batch]
 
 
-def eval_batch_size(device):
-    # Measured on 2 CPU cores: batch 256 in channels_last keeps activations in cache and
-    # predicts 2-4x faster than batch 1024+; a GPU wants big batches.
-    return 4096 if device.type == "cuda" else 256
+def train_step(net, optimizer, images, labels, label_smoothing, device):
+    """One SGD step: forward, backward, update. Returns (loss, number correct) as device
+    tensors, so the loop never waits on them."""
+    with autocast(device):
+        logits = net(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) == labels).sum()
 
 
-def autocast(device):
-    # bf16 on CUDA only; the CPU path stays float32 (AVX2-only CPUs have no bf16 units).
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+class EMA:
+    """Exponential moving average of a model's weights (buffers copied as they are)."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        ema_params = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, list(model.parameters()), 1 - self.decay)
+        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
 
 
-@torch.inference_mode()
-def predict_logits(model, images, device, batch_size=None, transform=None):
-    """Logits (N, classes) in float32 for uint8 images (N, 1, 28, 28), in eval mode."""
-    model.eval()
-    batch_size = batch_size or eval_batch_size(device)
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
-        if transform is not None:
-            x = transform(x)
-        with autocast(device):
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-        outputs.append(logits.float())
-    return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=device)
-
+# ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model, dataset: DigitDataset, device, max_batches=0):
     """{'loss', 'accuracy', 'predictions' (N,), 'probabilities' (N, classes)} on a labelled dataset.
@@ -155,38 +184,30 @@ def evaluate(model, dataset: DigitDataset, device, max_batches=0):
     }
 
 
-class EMA:
-    """Exponential moving average of a model's weights (buffers copied as they are)."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, list(model.parameters()), 1 - self.decay)
-        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
+def validate(model, val_shard: DigitDataset, device, max_batches=0):
+    """{'loss', 'accuracy'} over every rank's disjoint validation shard (each image once)."""
+    _, world_size = rank_and_world_size()
+    if world_size > 1:  # the ranks' last BatchNorm updates differ: evaluate rank 0's, which is saved
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    val = evaluate(model, val_shard, device, max_batches)
+    if world_size == 1:
+        return {"loss": val["loss"], "accuracy": val["accuracy"]}
+    count = len(val["predictions"])
+    total = _sum_over_ranks([val["loss"] * count, val["accuracy"] * count, count] if count else [0.0] * 3, device)
+    loss, accuracy = (total[:2] / total[2]).tolist()  # NaN when the validation set is empty
+    return {"loss": loss, "accuracy": accuracy}
 
 
-def train_step(net, optimizer, dataset: DigitDataset, batch, config: TrainConfig, generator, device):
-    """One SGD step on the images at indices `batch`: augment, forward, backward, update.
+# ----------------------------------------------------------------------------- checkpoints
 
-    Returns (loss, number correct) as device tensors, so the loop never waits on them.
-    """
-    x = dataset.images[batch].float().div_(255)  # (B, 1, 28, 28) uint8 -> float in [0, 1]
-    x = augment(x, config.augment, generator).contiguous(memory_format=torch.channels_last)
-    y = dataset.labels[batch]
-    with autocast(device):
-        logits = net(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), (logits.argmax(1) == y).sum()
+def data_fingerprint(*datasets: DigitDataset) -> str:
+    """A short hash of the images and labels, so --resume can tell another dataset apart."""
+    digest = hashlib.sha1()
+    for dataset in datasets:
+        digest.update(dataset.images.cpu().numpy().tobytes())
+        digest.update(dataset.labels.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def write_history(path, history):
@@ -199,6 +220,41 @@ def write_history(path, history):
 def _fmt(value):
     return str(value) if isinstance(value, int) else f"{value:.6g}"
 
+
+@dataclass
+class RunState:
+    """What a run carries from epoch to epoch, and what last.pt stores to resume it."""
+    history: list
+    best_accuracy: float = -1.0
+    epoch: int = 0
+
+
+def check_resumable(state, path, identity):
+    """CheckpointError unless last.pt `state` was written by a run with this `identity`
+    (the whole recipe, the member's seed and the data's fingerprint)."""
+    if "optimizer" not in state or "identity" not in state:
+        raise CheckpointError(f"{path}: not the last.pt of a run of this suite; --resume continues the "
+                              f"last.pt that an interrupted run left")
+    for key, value in identity.items():
+        saved = state["identity"].get(key)
+        if saved != value:
+            what = "the data" if key == "data" else f"{key} {saved}, not {value}"
+            raise CheckpointError(f"{path}: was trained on another recipe or data ({what}); resume with the "
+                                  f"same data and flags as the interrupted run, or start without --resume")
+
+
+def _flatten(recipe: dict, prefix=""):
+    """{'train.lr': 0.1, ...} from a nested recipe dict, for one-line mismatch messages."""
+    flat = {}
+    for key, value in recipe.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+# ----------------------------------------------------------------------------- the loop
 
 def _progress(iterable, enabled, **kwargs):
     if not enabled:
@@ -216,143 +272,150 @@ def _log_over_bars(log, message, progress):
         log(message)
 
 
-def train(model, train_set: DigitDataset, val_set: DigitDataset, config: TrainConfig, device,
-          checkpoint_dir, resume=False, log=print, progress=None):
-    """Train `model`; returns the history, a list of per-epoch dicts (HISTORY_COLUMNS).
+class Trainer:
+    """One model's training run: optimizer, schedule, EMA, checkpoints, history.
 
     Writes `last.pt` after every epoch (resumable) and `best.pt` whenever validation
     accuracy reaches a new best (every epoch when there is no validation set).
-    In a process group, `config.batch_size` is the global batch (main.py checks that
-    it divides by the world size) and only rank 0 writes.
-    `progress`: draw tqdm bars for epochs and batches; None = only when stderr is a terminal.
-    `log` gets one line per epoch; pass a no-op (and progress=False) for a silent run.
     """
-    rank, world_size = rank_and_world_size()
-    progress = (sys.stderr.isatty() if progress is None else progress) and rank == 0
-    model.to(device).to(memory_format=torch.channels_last)
-    train_set, val_set = train_set.to(device), val_set.to(device)
-    # Equal disjoint shards, so every rank runs the same number of steps; with the global
-    # batch split evenly, the step count and LR schedule do not depend on the world size.
-    batch_size, shard_size = config.batch_size // world_size, len(train_set) // world_size
-    val_shard = val_set.subset(slice(rank * len(val_set) // world_size, (rank + 1) * len(val_set) // world_size))
-    steps_per_epoch = max(1, shard_size // batch_size)  # last partial batch dropped
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=True, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
-        pct_start=config.warmup_fraction, div_factor=10, final_div_factor=100)
-    ema = EMA(model, config.ema_decay) if config.ema_decay else None
-    last_path = os.path.join(checkpoint_dir, "last.pt")
-    best_path = os.path.join(checkpoint_dir, "best.pt")
-    history, best_accuracy, start_epoch = [], -1.0, 0
+    def __init__(self, model, train_set, val_set, recipe, device, checkpoint_dir, seed=0, max_steps_per_epoch=0,
+                 log=print, progress=False):
+        self.config, self.device, self.log, self.progress = recipe.train, device, log, progress
+        self.rank, world_size = rank_and_world_size()
+        self.model = model.to(device).to(memory_format=torch.channels_last)
+        self.batches = BatchSource(train_set.to(device), self.config.batch_size, recipe.augment, seed, device,
+                                   max_steps_per_epoch)
+        val_set = val_set.to(device)
+        self.has_validation = len(val_set) > 0
+        self.val_shard = val_set.subset(slice(self.rank * len(val_set) // world_size,
+                                              (self.rank + 1) * len(val_set) // world_size))
+        self.max_val_batches = 1 if max_steps_per_epoch else 0
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=self.config.lr, momentum=self.config.momentum,
+                                         nesterov=True, weight_decay=self.config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=self.config.lr, total_steps=self.config.epochs * self.batches.steps,
+            pct_start=self.config.warmup, div_factor=10, final_div_factor=100)
+        self.ema = EMA(model, self.config.ema) if self.config.ema else None
+        self.paths = {name: os.path.join(checkpoint_dir, name) for name in ("last.pt", "best.pt", "history.csv")}
+        self.identity = {**_flatten(asdict(recipe)), "seed": seed, "data": data_fingerprint(train_set, val_set)}
+        # Per-rank BatchNorm, not SyncBatchNorm: each rank normalises over its own batch, as is
+        # standard for DDP. `model` stays unwrapped for evaluation, EMA and checkpoints.
+        self.net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+                    if world_size > 1 else model)
+        self.state = RunState(history=[])
 
-    if resume:
-        state = load_checkpoint(last_path, map_location=device)
-        if "optimizer" not in state or state["model_config"] != asdict(model.config):
-            raise CheckpointError(f"{last_path}: not the last.pt of a run of this model; "
-                                  f"--resume continues the last.pt that an interrupted run left")
-        saved = state.get("train_config", {})
-        for key in ("epochs", "batch_size", "lr", "seed"):
-            if saved.get(key) != getattr(config, key):
-                raise CheckpointError(
-                    f"{last_path}: was trained with {key}={saved.get(key)}, not {getattr(config, key)}; "
-                    f"resume with the same flags as the interrupted run")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.model.load_state_dict(state["ema"])
-        history, best_accuracy, start_epoch = state["history"], state["best_accuracy"], state["epoch"]
-        log(f"resumed from {last_path} after epoch {start_epoch}/{config.epochs}")
+    @property
+    def eval_model(self):
+        return self.ema.model if self.ema is not None else self.model
 
-    def save_last(epoch):
-        if rank == 0:
-            save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            ema=ema.model.state_dict() if ema else None, epoch=epoch, history=history,
-                            best_accuracy=best_accuracy, train_config=asdict(config))
+    def restore(self):
+        """Continue from last.pt, after checking it belongs to this very run."""
+        path = self.paths["last.pt"]
+        saved = load_checkpoint(path, map_location=self.device)
+        check_resumable(saved, path, self.identity)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(saved["ema"])
+        self.state = RunState(saved["history"], saved["best_accuracy"], saved["epoch"])
+        self.log(f"resumed from {path} after epoch {self.state.epoch}/{self.config.epochs}")
 
-    if start_epoch == 0:
-        save_last(0)  # so an interrupt during the first epoch still leaves something to resume
-    # Per-rank BatchNorm, not SyncBatchNorm: each rank normalises over its own batch_size
-    # images, as is standard for DDP, sparing a collective per BN layer per pass.
-    # `model` stays unwrapped for evaluation, EMA and checkpoints (plain state_dict keys).
-    net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-           if world_size > 1 else model)
+    def save_last(self):
+        if self.rank == 0:
+            save_checkpoint(self.paths["last.pt"], self.model, optimizer=self.optimizer.state_dict(),
+                            scheduler=self.scheduler.state_dict(), ema=self.ema.model.state_dict() if self.ema else None,
+                            epoch=self.state.epoch, history=self.state.history,
+                            best_accuracy=self.state.best_accuracy, identity=self.identity)
 
-    epochs = _progress(range(start_epoch, config.epochs), progress, desc="training", unit="epoch",
-                       initial=start_epoch, total=config.epochs, leave=True)
-    for epoch in epochs:
-        started = time.perf_counter()
-        net.train()
-        epoch_seed = config.seed * 1000 + epoch
-        rank_seed = epoch_seed + (rank << 32)  # == epoch_seed on rank 0 and in a single process
-        torch.manual_seed(rank_seed)  # dropout
-        generator = torch.Generator(device=device).manual_seed(epoch_seed)
-        order = torch.randperm(len(train_set), generator=generator, device=device)  # the same on every rank
-        order = order[rank * shard_size:(rank + 1) * shard_size]
-        if rank:
-            generator.manual_seed(rank_seed)  # augmentation differs per rank
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+    def save_epoch(self, row):
+        """best.pt on a new best (or always, without validation), then last.pt and history.csv."""
+        improved = not self.has_validation or row["val_accuracy"] >= self.state.best_accuracy
+        if improved and self.has_validation:
+            self.state.best_accuracy = row["val_accuracy"]
+        if improved and self.rank == 0:
+            save_checkpoint(self.paths["best.pt"], self.eval_model, epoch=row["epoch"],
+                            val_accuracy=row["val_accuracy"], identity=self.identity)
+        self.save_last()
+        if self.rank == 0:
+            write_history(self.paths["history.csv"], self.state.history)
+        return improved
+
+    def train_epoch(self, epoch):
+        """One pass over this rank's shard; returns (mean train loss, train accuracy) over all ranks."""
+        self.net.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
         # unit_scale makes tqdm count and rate images (img/s), not batches.
-        steps = _progress(range(steps_per_epoch), progress, desc=f"epoch {epoch + 1}/{config.epochs}",
-                          unit="img", unit_scale=config.batch_size)
-        for step in steps:
-            batch = order[step * batch_size:(step + 1) * batch_size]
-            loss, batch_correct = train_step(net, optimizer, train_set, batch, config, generator, device)
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
+        bar = _progress(range(self.batches.steps), self.progress, desc=f"epoch {epoch + 1}/{self.config.epochs}",
+                        unit="img", unit_scale=self.config.batch_size)
+        for step, (images, labels) in zip(bar, self.batches.epoch(epoch)):
+            loss, batch_correct = train_step(self.net, self.optimizer, images, labels, self.config.label_smoothing,
+                                             self.device)
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
             loss_sum += loss
             correct += batch_correct
-            if progress and step % 20 == 0:  # .item() waits for the device: not every step
-                steps.set_postfix({"loss": f"{loss_sum.item() / (step + 1):.3f}",
-                                   "acc": f"{correct.item() / ((step + 1) * config.batch_size):.3f}"})
-        # Checked once an epoch, not per step (a per-step check syncs the GPU every step); the
-        # diverged epoch is never saved, so best.pt and last.pt keep the last good weights.
-        loss_sum, correct = loss_sum.item(), correct.item()
-        if world_size > 1:  # every rank gets the same numbers, so all stop together on NaN
-            loss_sum, correct = _sum_over_ranks([loss_sum, correct], device).tolist()
-        train_loss = loss_sum / (steps_per_epoch * world_size)
-        if not math.isfinite(train_loss):
-            kept = f"; {best_path} keeps the best weights up to epoch {epoch}" if epoch else ""
-            raise TrainingDiverged(
-                f"loss became {train_loss} in epoch {epoch + 1}; lower --lr (now {config.lr}) and start again{kept}")
-        eval_model = ema.model if ema is not None else model
-        if world_size > 1:  # the ranks' last BatchNorm updates differ: evaluate rank 0's, which is saved
-            for buffer in eval_model.buffers():
-                dist.broadcast(buffer, src=0)
-        val = evaluate(eval_model, val_shard, device, max_batches=1 if config.max_steps_per_epoch else 0)
-        if world_size > 1:
-            val = _merge_validation(val, device)
+            if self.progress and step % 20 == 0:  # .item() waits for the device: not every step
+                bar.set_postfix({"loss": f"{loss_sum.item() / (step + 1):.3f}",
+                                 "acc": f"{correct.item() / ((step + 1) * self.config.batch_size):.3f}"})
+        # Checked once an epoch, not per step (a per-step check syncs the GPU every step).
+        totals = [loss_sum.item(), correct.item()]
+        if dist.is_available() and dist.is_initialized():  # the same numbers everywhere: all stop on NaN
+            totals = _sum_over_ranks(totals, self.device).tolist()
+        world_steps = self.batches.steps * rank_and_world_size()[1]
+        return totals[0] / world_steps, totals[1] / (self.batches.steps * self.config.batch_size)
+
+    def run_epoch(self, epoch, epochs_bar):
+        started = time.perf_counter()
+        train_loss, train_accuracy = self.train_epoch(epoch)
+        weights_finite = all(torch.isfinite(p).all() for p in self.model.parameters())
+        if not (math.isfinite(train_loss) and weights_finite):  # the diverged epoch is never saved
+            kept = f"; {self.paths['best.pt']} keeps the best weights up to epoch {epoch}" if epoch else ""
+            what = "weights became NaN or Inf" if math.isfinite(train_loss) else f"loss became {train_loss}"
+            raise TrainingDiverged(f"{what} in epoch {epoch + 1}; lower --lr "
+                                   f"(now {self.config.lr}) and start again{kept}")
+        val = validate(self.eval_model, self.val_shard, self.device, self.max_val_batches)
         seconds = time.perf_counter() - started
-        images_per_second = steps_per_epoch * config.batch_size / seconds
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_accuracy": correct / (steps_per_epoch * config.batch_size),
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": seconds,
-        }
-        history.append(row)
-        improved = len(val_set) == 0 or val["accuracy"] >= best_accuracy
-        if improved:
-            best_accuracy = val["accuracy"] if len(val_set) else best_accuracy
-            if rank == 0:
-                save_checkpoint(best_path, eval_model, epoch=epoch + 1, val_accuracy=val["accuracy"],
-                                train_config=asdict(config))
-        save_last(epoch + 1)
-        if rank == 0:
-            write_history(os.path.join(checkpoint_dir, "history.csv"), history)
-        if progress:
-            epochs.set_postfix({"loss": f"{train_loss:.3f}", "acc": f"{row['train_accuracy']:.3f}",
-                                "val_acc": f"{val['accuracy']:.4f}", "img/s": f"{images_per_second:,.0f}"})
-        _log_over_bars(log, f"epoch {epoch + 1:3d}/{config.epochs}  train loss {train_loss:.4f} "
-                       f"acc {row['train_accuracy']:.4f}  val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
-                       f"{' *' if improved else ''}  {seconds:.1f}s  {images_per_second:,.0f} img/s", progress)
-    return history
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+               "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
+        self.state.history.append(row)
+        self.state.epoch = epoch + 1
+        improved = self.save_epoch(row)
+        images_per_second = self.batches.steps * self.config.batch_size / seconds
+        if self.progress:
+            epochs_bar.set_postfix({"loss": f"{train_loss:.3f}", "acc": f"{train_accuracy:.3f}",
+                                    "val_acc": f"{val['accuracy']:.4f}", "img/s": f"{images_per_second:,.0f}"})
+        _log_over_bars(self.log, f"epoch {epoch + 1:3d}/{self.config.epochs}  train loss {train_loss:.4f} "
+                       f"acc {train_accuracy:.4f}  val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
+                       f"{' *' if improved else ''}  {seconds:.1f}s  {images_per_second:,.0f} img/s", self.progress)
+
+    def fit(self, resume=False):
+        """Train to the last epoch (from last.pt when `resume`); returns the history rows."""
+        if resume:
+            self.restore()
+        else:
+            self.save_last()  # so an interrupt during the first epoch still leaves something to resume
+        epochs_bar = _progress(range(self.state.epoch, self.config.epochs), self.progress, desc="training",
+                               unit="epoch", initial=self.state.epoch, total=self.config.epochs, leave=True)
+        for epoch in epochs_bar:
+            self.run_epoch(epoch, epochs_bar)
+        return self.state.history
+
+
+def train(model, train_set: DigitDataset, val_set: DigitDataset, recipe, device, checkpoint_dir, seed=0,
+          resume=False, max_steps_per_epoch=0, log=print, progress=None):
+    """Train `model` with `recipe` (its .train and .augment settings); returns the history,
+    a list of per-epoch dicts (HISTORY_COLUMNS).
+
+    In a process group, the batch size is the global batch (main.py checks that it divides
+    by the world size) and only rank 0 writes. `progress`: tqdm bars for epochs and
+    batches; None = only when stderr is a terminal. `log` gets one line per epoch.
+    """
+    progress = (sys.stderr.isatty() if progress is None else progress) and rank_and_world_size()[0] == 0
+    trainer = Trainer(model, train_set, val_set, recipe, device, checkpoint_dir, seed, max_steps_per_epoch,
+                      log, progress)
+    return trainer.fit(resume)

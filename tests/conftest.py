@@ -26,6 +26,13 @@ def make_digits(n, seed=0):
     return torch.from_numpy(images.astype(np.uint8)).view(n, 1, 28, 28), torch.from_numpy(labels.astype(np.int64))
 
 
+def small_recipe(**settings):
+    """The default recipe with `settings` (flag names with underscores) changed."""
+    from cli import replace_settings
+    from recipe import Recipe
+    return replace_settings(Recipe(), settings)
+
+
 def write_csv(path, images, labels=None):
     header = ([] if labels is None else ["label"]) + [f"pixel{i}" for i in range(784)]
     pixels = images.view(len(images), 784).numpy().astype(np.int64)

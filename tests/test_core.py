@@ -12,9 +12,10 @@ import torch
 import inference
 import main
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import SHARED_ZIP, make_digits
+from conftest import SHARED_ZIP, make_digits, small_recipe
 from dataloader import AugmentConfig, DigitDataset, augment, load_test, load_train, stratified_split, warp
-from trainer import TrainConfig, evaluate, predict_logits, train
+from inference import predict_logits
+from trainer import evaluate, train
 
 CPU = torch.device("cpu")
 NO_AUGMENT = AugmentConfig(rotate_deg=0, scale=0, shear=0, shift=0)
@@ -83,8 +84,9 @@ def train_small(tmp_path, epochs=4, seed=0, augment_config=None):
     train_idx, val_idx = stratified_split(labels, 0.2, seed)
     torch.manual_seed(seed)
     model = DigitRecognizerModel(ModelConfig(widths=(8, 16, 16)))
-    config = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, seed=seed, augment=augment_config or AugmentConfig())
-    history = train(model, full.subset(train_idx), full.subset(val_idx), config, CPU, str(tmp_path), log=lambda *_: None)
+    recipe = small_recipe(epochs=epochs, batch_size=64, lr=0.05, widths=(8, 16, 16))
+    history = train(model, full.subset(train_idx), full.subset(val_idx), recipe, CPU, str(tmp_path), seed=seed,
+                    log=lambda *_: None)
     return model, full.subset(val_idx), history
 
 
@@ -107,17 +109,21 @@ def test_checkpoint_holds_only_plain_types(tmp_path):
     model = DigitRecognizerModel(ModelConfig())
     save_checkpoint(str(tmp_path / "m.pt"), model, epoch=3)
     state = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert state["model_config"] == {"widths": (16, 32, 128), "dropout": 0.1, "num_classes": 10}
+    assert state["model_config"] == {"arch": "cnn", "widths": (16, 32, 128), "dropout": 0.1, "num_classes": 10}
     assert state["epoch"] == 3 and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
-def test_main_dry_run_end_to_end(kaggle_dir, tmp_path):
-    submission = tmp_path / "sub.csv"
-    argv = ["--data", str(kaggle_dir), "--dry-run", "--checkpoint-dir", str(tmp_path / "ck"),
-            "--submission", str(submission)]
-    assert main.main(argv) == 0
-    assert (tmp_path / "ck" / "best.pt").exists() and (tmp_path / "ck" / "last.pt").exists()
-    check_submission(submission, rows=120)
+def test_dry_run_writes_nothing_and_leaves_a_real_run_alone(kaggle_dir, tmp_path, capsys):
+    real_run = {"ck/best.pt": b"real best", "ck/last.pt": b"real last", "ck/history.csv": b"epoch\n1\n",
+                "final_submission.csv": b"ImageId,Label\n1,7\n", "reports/confusion_matrix.png": b"png"}
+    for name, content in real_run.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main.main(["--data", str(kaggle_dir), "--dry-run", "--checkpoint-dir", "ck"]) == 0
+    assert "dry run: everything worked" in capsys.readouterr().out
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert all((tmp_path / name).read_bytes() == content for name, content in real_run.items())
 
 
 def check_submission(path, rows):
@@ -145,7 +151,7 @@ def test_inference_cli_matches_main_submission(kaggle_dir, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(SHARED_ZIP), reason="needs ../shared/data/digit-recognizer.zip")
-def test_main_dry_run_on_a_slice_of_the_real_data(tmp_path):
+def test_main_on_a_slice_of_the_real_data(tmp_path):
     with zipfile.ZipFile(SHARED_ZIP) as archive:
         train_rows = pd.read_csv(archive.open("train.csv"), nrows=1000)
         test_rows = pd.read_csv(archive.open("test.csv"), nrows=300)
@@ -154,14 +160,24 @@ def test_main_dry_run_on_a_slice_of_the_real_data(tmp_path):
     train_rows.to_csv(data / "train.csv", index=False)
     test_rows.to_csv(data / "test.csv", index=False)
     submission = tmp_path / "sub.csv"
-    assert main.main(["--data", str(data), "--dry-run", "--checkpoint-dir", str(tmp_path / "ck"),
-                      "--submission", str(submission)]) == 0
+    assert main.main(["--data", str(data), "--epochs", "1", "--batch-size", "64", "--checkpoint-dir",
+                      str(tmp_path / "ck"), "--submission", str(submission), "--report", ""]) == 0
     check_submission(submission, rows=300)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--no-such-flag"], "unrecognized arguments"),
-    (["--epochs", "zero"], "invalid int value"),
+    (["--epochs", "zero"], "--epochs: 'zero' is not an integer"),
+    (["--epochs", "0"], "--epochs: 0 is out of range; it must be in [1, 10000]"),
+    (["--lr", "nan"], "--lr: nan is out of range"),
+    (["--lr", "inf"], "--lr: inf is out of range"),
+    (["--lr", "-0.1"], "--lr: -0.1 is out of range"),
+    (["--elastic", "inf"], "--elastic: inf is out of range"),
+    (["--elastic", "nan"], "--elastic: nan is out of range"),
+    (["--ema", "1"], "--ema: 1 is out of range; it must be in [0, 1)"),
+    (["--widths", "100000", "100000", "100000"], "--widths: 100000 is out of range"),
+    (["--widths", "8", "16"], "--widths takes 3 numbers"),
+    (["--label-smoothing", "1.5"], "--label-smoothing: 1.5 is out of range"),
     (["--data", "/no/such/folder"], "no such file or folder"),
 ])
 def test_main_cli_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):

@@ -16,7 +16,7 @@ def test_ensemble_with_tta_matches_inference_on_the_same_checkpoints(kaggle_dir,
             "--checkpoint-dir", str(ck), "--submission", str(tmp_path / "main.csv")]
     assert main.main(argv) == 0
     members = [ck / "member1" / "best.pt", ck / "member2" / "best.pt"]
-    seeds = [load_checkpoint(str(path))["train_config"]["seed"] for path in members]
+    seeds = [load_checkpoint(str(path))["identity"]["seed"] for path in members]
     assert seeds == [0, 1]
     assert "validation accuracy of the submitted predictor (2 model(s), TTA)" in capsys.readouterr().out
     assert inference.main(["--checkpoint", *map(str, members), "--tta", "--input", str(kaggle_dir),
@@ -38,17 +38,17 @@ def test_full_train_uses_every_row_and_says_so(kaggle_dir, tmp_path, capsys):
                       "--submission", str(tmp_path / "s.csv")]) == 0
     out = capsys.readouterr().out
     assert "600 train / 0 validation" in out and "no validation split" in out
-    assert "no report in reports/" in out and not list((tmp_path / "reports").iterdir())
+    assert "no report in reports/" in out and not (tmp_path / "reports").exists()
     assert load_checkpoint(str(ck / "best.pt"))["epoch"] == 1
     assert len(pd.read_csv(tmp_path / "s.csv")) == 120
 
 
 def test_best_preset_has_tta_that_a_flag_turns_off():
-    best = main.parse_args(["--preset", "best"])
+    best = main.parse_args(["--preset", "best"])[1].ensemble
     assert (best.ensemble, best.tta, best.full_train) == (5, True, False)
-    plain = main.parse_args(["--preset", "best", "--no-tta", "--full-train"])
+    plain = main.parse_args(["--preset", "best", "--no-tta", "--full-train"])[1].ensemble
     assert (plain.ensemble, plain.tta, plain.full_train) == (5, False, True)
-    default = main.parse_args(["--tta"])
+    default = main.parse_args(["--tta"])[1].ensemble
     assert (default.ensemble, default.tta, default.full_train) == (1, True, False)
 
 

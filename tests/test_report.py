@@ -14,9 +14,9 @@ import inference
 import main as main_module
 import report
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, save_checkpoint
-from conftest import make_digits, write_csv
+from conftest import make_digits, small_recipe, write_csv
 from dataloader import AugmentConfig, DigitDataset
-from trainer import HISTORY_COLUMNS, TrainConfig, evaluate, train
+from trainer import HISTORY_COLUMNS, evaluate, train
 
 CPU = torch.device("cpu")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -81,7 +81,7 @@ def test_per_class_accuracy_rows():
 
 def test_history_csv_one_row_per_epoch_across_resume(tmp_path, split, capsys):
     train_set, val_set = split
-    config = TrainConfig(epochs=2, batch_size=32)
+    config = small_recipe(epochs=2, batch_size=32)
 
     def interrupt_after_first_epoch(message):
         raise KeyboardInterrupt
@@ -150,7 +150,8 @@ def test_report_skipped_cleanly_without_matplotlib(tmp_path, split, monkeypatch)
 @pytest.mark.parametrize("quiet", [True, False])
 def test_main_report_and_quiet(tmp_path, kaggle_dir, capsys, quiet):
     report_dir = tmp_path / "reports"
-    argv = ["--data", str(kaggle_dir), "--dry-run", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "ck"),
+    argv = ["--data", str(kaggle_dir), "--epochs", "1", "--widths", "4", "8", "8", "--batch-size", "32",
+            "--checkpoint-dir", str(tmp_path / "ck"),
             "--submission", str(tmp_path / "submission.csv"), "--report", str(report_dir) if quiet else ""]
     assert main_module.main(argv + (["--quiet"] if quiet else [])) == 0
     out, err = capsys.readouterr()

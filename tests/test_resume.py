@@ -143,7 +143,7 @@ def test_resume_with_other_flags_is_refused(capsys, data, reference, tmp_path):
     (out / "ckpt").mkdir(parents=True)
     (out / "ckpt" / "last.pt").write_bytes((reference / "ckpt" / "last.pt").read_bytes())
     code, _, err = cli(capsys, main, *argv(data, out, "--resume", "--lr", "0.05"))
-    assert code == 2 and len(err) == 1 and "resume with the same flags" in err[0]
+    assert code == 2 and len(err) == 1 and "resume with the same data and flags" in err[0]
     assert (out / "ckpt" / "last.pt").read_bytes() == (reference / "ckpt" / "last.pt").read_bytes()
 
 

@@ -1,0 +1,146 @@
+"""Command-line plumbing shared by main.py, inference.py, export.py and bench.py.
+
+- `UserError`: the one error type that means "bad input": a command prints its message
+  as one line and exits 2. Anything else is a bug and keeps its traceback.
+- `ArgumentParser`: argparse that reports a bad command line in one line, exit 2.
+- `setting(...)` / `add_setting_flags` / `settings_from_flags`: a dataclass field
+  declared with `setting` becomes a flag with its type, range check and help (which
+  states the default), so the recipe dataclasses are the single source of defaults.
+- `choose_device`: the device is chosen once, here, and passed in.
+"""
+
+import argparse
+import dataclasses
+import math
+import signal
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user; the message is one line: what, where, how to fix."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def setting(default, help, low=None, high=None, high_open=False, flag=None, choices=None):
+    """A dataclass field that is also a command-line flag.
+
+    low/high: inclusive range (high exclusive with high_open); floats must also be finite.
+    flag: the flag's name when it is not the field's name with dashes.
+    """
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, low=low, high=high, high_open=high_open, flag=flag, choices=choices))
+
+
+def flag_name(field):
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def _range_text(meta):
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        return f"in [{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
+    return f"at least {low:g}" if low is not None else f"at most {high:g}"
+
+
+def _checked(kind, meta):
+    """An argparse `type` that parses `kind` and enforces the setting's range (finite floats)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}")
+        low, high = meta["low"], meta["high"]
+        out_of_range = ((kind is float and not math.isfinite(value))
+                        or (low is not None and value < low)
+                        or (high is not None and (value >= high if meta["high_open"] else value > high)))
+        if out_of_range:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; it must be {_range_text(meta)}")
+        return value
+    return parse
+
+
+def setting_fields(config):
+    """Every `setting` field of a dataclass tree, as (owner dataclass instance, field)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from setting_fields(value)
+        elif "help" in field.metadata:
+            yield config, field
+
+
+def add_setting_flags(parser, config, preset_notes=None):
+    """One flag per setting of the dataclass tree `config`; their defaults stay None so an
+    unset flag can be told from one set to the default (presets fill the rest).
+
+    preset_notes: {field name: text} appended to a flag's help (e.g. "best: 5").
+    """
+    for owner, field in setting_fields(config):
+        meta, default = field.metadata, getattr(owner, field.name)
+        note = f"; {preset_notes[field.name]}" if preset_notes and field.name in preset_notes else ""
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        if isinstance(default, bool):
+            shown = "on" if default else "off"
+        kwargs = dict(help=f"{meta['help']} (default: {shown}{note})", default=None, dest=field.name,
+                      metavar=None if isinstance(default, bool) else flag_name(field).strip("-").upper())
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kwargs.update(type=_checked(int, meta), nargs="+", metavar="N")
+        elif meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        else:
+            kwargs["type"] = _checked(type(default), meta)
+        parser.add_argument(flag_name(field), **kwargs)
+
+
+def replace_settings(config, values):
+    """A copy of the dataclass tree `config` with the settings named in `values` replaced."""
+    changes = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            changes[field.name] = replace_settings(value, values)
+        elif field.name in values:
+            changes[field.name] = tuple(values[field.name]) if isinstance(value, tuple) else values[field.name]
+    return dataclasses.replace(config, **changes)
+
+
+def settings_from_flags(args, config):
+    """`config` with every setting flag the user actually gave (not None) applied."""
+    names = {field.name for _, field in setting_fields(config)}
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return replace_settings(config, given)
+
+
+def choose_device(name="auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def exit_code_of_user_error(error) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+class sigterm_as_interrupt:
+    """Within the block SIGTERM stops like Ctrl-C (KeyboardInterrupt); restored after it,
+    so a notebook kernel that called a command keeps its own handler."""
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+        return False

@@ -1,0 +1,165 @@
+"""Writing outputs safely: atomic files, checks before a run starts, and a run lock.
+
+A run never loses a user's file: every output is written to a temp file and renamed
+into place; before any work starts, every output location is checked to be writable
+and to differ from every input and from every other output; two runs cannot share a
+checkpoint folder.
+"""
+
+import contextlib
+import errno
+import fcntl
+import os
+import sys
+import tempfile
+
+from cli import UserError
+
+_UMASK = os.umask(0o022)  # os.umask can only be read by setting it: set it back at once
+os.umask(_UMASK)
+
+
+class OutputError(UserError):
+    """An output that cannot be written where the user asked."""
+
+
+_WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO,
+                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def _reason(error: OSError):
+    hints = {errno.ENOSPC: "the disk is full; free space or choose another location",
+             errno.EROFS: "read-only file system; choose a writable location",
+             errno.EACCES: "permission denied; choose a writable location",
+             errno.EDQUOT: "disk quota exceeded; free space or choose another location"}
+    return hints.get(error.errno, f"{error.strerror or type(error).__name__}; choose a writable location")
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """Open a temp file next to `path`; on success it is synced and renamed onto `path`.
+
+    Readers see the old file or the complete new one, never a torn one, whatever happens
+    mid-write (exception, Ctrl-C, kill -9, power loss); on an exception the temp file goes.
+    An OSError (full disk, read-only file system) becomes an OutputError naming `path`.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp_path = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        with open(fd, mode, newline=None if "b" in mode else "") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        tmp_path = None
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:  # e.g. a read error in the caller's block: not ours
+            raise
+        raise OutputError(f"{path}: cannot write: {_reason(e)}") from None
+    finally:
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
+
+
+def atomic_write_text(path, text):
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def atomic_write_bytes(path, data: bytes):
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def _nearest_existing_folder(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def check_writable(flag, path):
+    """OutputError now, before any work, unless a file can be written at `path`.
+
+    Tries a real temp file in the nearest existing folder (permissions, read-only file
+    systems and full disks all show up), and creates nothing else.
+    """
+    if not path:
+        raise OutputError(f"{flag} is empty; give a file path")
+    if os.path.isdir(path):
+        raise OutputError(f"{flag} {path}: is a folder; pass a file path, "
+                          f"e.g. {os.path.join(path, os.path.basename(flag.strip('-')) + '.csv')}")
+    folder = _nearest_existing_folder(path)
+    if not os.path.isdir(folder):
+        raise OutputError(f"{flag} {path}: {folder} is a file, not a folder; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write in {folder}: {_reason(e)}") from None
+
+
+def _same_file(a, b):
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_outputs(outputs, inputs):
+    """OutputError unless every output can be written and clobbers nothing it must not.
+
+    outputs: [(flag, path)] of every file the run will write; inputs: paths it reads.
+    An output may not be an input (it would replace the user's data) or another output
+    (one would overwrite the other).
+    """
+    for index, (flag, path) in enumerate(outputs):
+        for source in inputs:
+            if source and _same_file(path, source):
+                raise OutputError(f"{flag} {path}: is an input of this run ({source}); "
+                                  f"writing there would destroy it, so choose another path")
+        for other_flag, other in outputs[:index]:
+            if _same_file(path, other):
+                raise OutputError(f"{flag} {path}: is also the {other_flag} output of this run; "
+                                  f"give each output its own path")
+    for flag, path in outputs:
+        check_writable(flag, path)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, flag="--checkpoint-dir"):
+    """Hold an exclusive lock on `folder` for a run; a second run gets OutputError at once.
+
+    The lock is on the folder itself (flock), so the OS frees it when the process dies
+    and a killed run never leaves a stale lock; `.run` beside it names the holder for
+    the message and goes when the run ends.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise OutputError(f"{flag} {folder}: cannot write: {_reason(e)}") from None
+    holder_file = os.path.join(folder, ".run")
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = "pid unknown"
+            with contextlib.suppress(OSError), open(holder_file) as f:
+                holder = f.read().strip() or holder
+            raise OutputError(f"{flag} {folder}: in use by another run ({holder}); "
+                              f"wait for it to finish or pass another {flag}") from None
+        atomic_write_text(holder_file, f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(holder_file)
+    finally:
+        os.close(descriptor)  # releases the lock

@@ -1,0 +1,55 @@
+"""The recipe: every setting of a run, in one dataclass tree, and the presets.
+
+Each field is declared once, with its default, range and help (`cli.setting`); main.py
+turns every field into a flag, presets are small differences from the defaults, and every
+checkpoint stores the whole recipe, so `--resume` can tell a changed setting.
+"""
+
+from dataclasses import dataclass
+
+from DigitRecognizerModel import ModelConfig
+from cli import replace_settings, setting
+from dataloader import AugmentConfig
+from trainer import TrainConfig
+
+
+VAL_FRACTION = 0.1  # stratified hold-out of train.csv that picks best.pt and reports accuracy
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    ensemble: int = setting(1, "train N members with seeds seed..seed+N-1 and average their softmax", low=1, high=100)
+    tta: bool = setting(False, "test-time augmentation: average over shifted/rotated views")
+    full_train: bool = setting(False, "train on all rows with no validation split; the model after the last "
+                                      "epoch is the one submitted")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+
+
+# Each preset is the default recipe with these settings changed (measured in the README).
+PRESETS = {
+    "fast": {"epochs": 4},
+    "default": {},
+    "best": {"ensemble": 5, "tta": True},
+}
+
+
+def preset(name) -> Recipe:
+    return replace_settings(Recipe(), PRESETS[name])
+
+
+def preset_notes():
+    """{setting name: 'fast: 4; best: 5'}: what each preset changes, for --help."""
+    notes = {}
+    for name, changes in PRESETS.items():
+        for key, value in changes.items():
+            shown = ("on" if value else "off") if isinstance(value, bool) else value
+            notes[key] = f"{notes[key]}; " if key in notes else ""
+            notes[key] += f"--preset {name}: {shown}"
+    return notes
