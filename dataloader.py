@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 IMAGE_SIDE = 28
 NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
@@ -155,9 +154,7 @@ def iter_digit_csv(path, name, labelled, chunk_rows=CHUNK_ROWS, log=print):
         for chunk in _checked_chunks(label, opener, labelled, chunk_rows, log, dtype=np.uint8):
             yield chunk
             chunks_done += 1
-    except ValueError as e:
-        if isinstance(e, pd.errors.ParserError):
-            raise
+    except ValueError:
         quiet = chunks_done > 0  # the first pass has given its notes by then
         checked = _checked_chunks(label, opener, labelled, chunk_rows, log=(lambda *_: None) if quiet else log)
         for index, chunk in enumerate(checked):
@@ -239,11 +236,10 @@ def check_output_file(path):
 
 # ----------------------------------------------------------------------------- dataset
 
-class DigitDataset(Dataset):
+class DigitDataset:
     """Images (N, 1, 28, 28) uint8 and labels (N,) int64, held as whole tensors.
 
-    The training loop slices `images[idx]` for a batch of indices; `__getitem__` is
-    there for DataLoader-style use and inspection.
+    The training loop slices `images[idx]` for a batch of indices.
     """
 
     def __init__(self, images, labels):
@@ -254,9 +250,6 @@ class DigitDataset(Dataset):
 
     def __len__(self):
         return len(self.images)
-
-    def __getitem__(self, index):
-        return self.images[index], self.labels[index]
 
     def subset(self, indices):
         return DigitDataset(self.images[indices], self.labels[indices])
