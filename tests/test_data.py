@@ -6,15 +6,19 @@ one, and the fix; the command-line wiring (exit 2, nothing written) is in test_r
 
 import gzip
 import os
+import resource
 import shutil
+import warnings
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import edit_cell, edit_line, good_lines, make_digits
-from dataloader import DataError, load_test, load_train
+from conftest import SHARED_ZIP, edit_cell, edit_line, good_lines, make_digits, write_csv
+from dataloader import MAX_LINE_BYTES, DataError, iter_digit_csv, load_test, load_train
+
+PAST_INT64 = "18446744073709551616"  # 2**64: overflows every integer type pandas parses into
 
 
 def load(path, labelled):
@@ -54,6 +58,33 @@ def test_reads_zip_gz_and_plain_csv_alike(kaggle_dir, tmp_path):
     assert torch.equal(load_train(str(zip_path))[1], load_train(str(kaggle_dir))[1])
 
 
+def test_lines_up_to_the_length_limit_read_across_blocks(tmp_path):
+    """Cells zero-padded to 1-15 characters: lines of 1.5-12.5 KB, many per 256 KB block that
+    pandas reads; none is too long, and the values come through."""
+    images, labels = make_digits(60, seed=4)
+    header = ",".join(["label"] + [f"pixel{i}" for i in range(784)])
+    rows = [",".join(f"{v:0{1 + i % 15}d}" for v in [int(label), *image.flatten().tolist()])
+            for i, (image, label) in enumerate(zip(images, labels))]
+    assert max(map(len, rows)) <= MAX_LINE_BYTES
+    path = write(tmp_path / "padded.csv", "\n".join([header, *rows]) + "\n")
+    loaded_images, loaded_labels = load_train(str(path))
+    assert torch.equal(loaded_images, images) and torch.equal(loaded_labels, labels)
+    rows[50] += "0" * MAX_LINE_BYTES  # past the limit, in a later block
+    write(path, "\n".join([header, *rows]) + "\n")
+    with pytest.raises(DataError, match=rf"padded.csv: line 52 is {MAX_LINE_BYTES + 1:,}\+ bytes long"):
+        load_train(str(path))
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_ZIP), reason="needs ../shared/data/digit-recognizer.zip")
+def test_rows_of_the_real_kaggle_files_pass_the_checks(tmp_path):
+    with zipfile.ZipFile(SHARED_ZIP) as archive:
+        for name, labelled in (("train.csv", True), ("test.csv", False)):
+            with archive.open(name) as member:
+                head = b"".join(next(member) for _ in range(301))  # header + 300 rows
+            images = load(write(tmp_path / name, head), labelled)
+            assert len(images[0] if labelled else images) == 300
+
+
 # ----------------------------------------------------------------------------- bad CSV files
 
 BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must say)
@@ -62,6 +93,9 @@ BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must sa
     "783 pixel columns": (lambda lines: "\n".join(t.rsplit(",", 1)[0] for t in lines) + "\n",
                           "783 pixel columns, expected 784"),
     "extra cell": (edit_line(lambda t: t + ",0"), "fields in line 4, saw"),
+    "extra cell on line 2": (edit_line(lambda t: t + ",0", line=2), "line 2 has"),  # pandas: an index column
+    "blank line": (edit_line(lambda t: "", line=3), "line 3 is blank; delete it"),  # pandas would skip it and
+    "blank last line": (lambda lines: "\n".join(lines) + "\n\n", "line 14 is blank"),  # miscount the lines after
     "missing cell": (edit_line(lambda t: t.rsplit(",", 1)[0]), "line 4, column 'pixel783': blank or NaN"),
     "text cell": (edit_cell("x"), "line 4, column 'pixel5': 'x' is not a whole number"),
     "blank cell": (edit_cell(""), "line 4, column 'pixel5': blank or NaN"),
@@ -70,12 +104,20 @@ BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must sa
     "fraction": (edit_cell("0.5"), "line 4, column 'pixel5': '0.5' is not a whole number"),
     "below 0": (edit_cell("-1"), "line 4, column 'pixel5': value -1 is outside 0-255"),
     "above 255": (edit_cell("256"), "line 4, column 'pixel5': value 256 is outside 0-255"),
+    "past int64": (edit_cell(PAST_INT64), f"line 4, column 'pixel5': value {PAST_INT64} is outside 0-255"),
+    "below int64": (edit_cell("-" + PAST_INT64), f"line 4, column 'pixel5': value -{PAST_INT64} is outside"),
+    "semicolons": (lambda lines: "\n".join(t.replace(",", ";") for t in lines) + "\n",
+                   "uses ';' between cells; Kaggle's CSVs use commas"),
+    "tabs": (lambda lines: "\n".join(t.replace(",", "\t") for t in lines) + "\n", "uses tabs between cells"),
+    "200 KB line": (edit_line(lambda t: "7" * 200_000, line=2), f"line 2 is {MAX_LINE_BYTES + 1:,}+ bytes long"),
+    "200 KB header": (edit_line(lambda t: "pixel" * 40_000, line=1), f"line 1 is {MAX_LINE_BYTES + 1:,}+ bytes"),
     "binary, not CSV": (lambda lines: np.random.default_rng(0).bytes(4096), "not a readable CSV"),
 }
 BAD_TRAIN_CONTENT = {
     "no label column": (lambda lines: "\n".join(t.split(",", 1)[1] for t in lines) + "\n", "no 'label' column"),
     "label 10": (edit_cell("10", column="label"), "line 4, column 'label': 10 is not a digit 0-9"),
     "label -1": (edit_cell("-1", column="label"), "line 4, column 'label': -1 is not a digit 0-9"),
+    "label past int64": (edit_cell(PAST_INT64, column="label"), f"line 4, column 'label': {PAST_INT64} is not a digit"),
 }
 CASES = [(labelled, case) for labelled in (True, False) for case in BAD_CONTENT]
 CASES += [(True, case) for case in BAD_TRAIN_CONTENT]
@@ -89,3 +131,88 @@ def test_bad_csv_is_one_line_naming_file_line_and_column(tmp_path, labelled, cas
         load(path, labelled)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize("value, expected", [("x", "'x' is not a whole number"),
+                                             (PAST_INT64, f"value {PAST_INT64} is outside 0-255")])
+def test_bad_cell_in_a_later_chunk_names_its_line(tmp_path, value, expected):
+    path = write(tmp_path / "test.csv", edit_cell(value, line=11)(good_lines(False)))  # third chunk of 4 rows
+    chunks = iter_digit_csv(str(path), "test.csv", labelled=False, chunk_rows=4)
+    assert [len(images) for images, _ in (next(chunks), next(chunks))] == [4, 4]
+    with pytest.raises(DataError, match=f"line 11, column 'pixel5': {expected}"):
+        next(chunks)
+
+
+def test_text_cell_after_1500_rows_gives_no_pandas_warning(tmp_path):
+    """pandas guesses column types per block of rows and warns (DtypeWarning, with its own source
+    line on stderr) when a column mixes numbers and text: the user gets our one line only."""
+    path = write_csv(tmp_path / "train.csv", *make_digits(1600))
+    lines = open(path).read().splitlines()
+    write(tmp_path / "train.csv", edit_cell("abc", line=1500)(lines))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        with pytest.raises(DataError, match="line 1500, column 'pixel5': 'abc' is not a whole number"):
+            load_train(path)
+
+
+def test_endless_line_is_an_error_at_once_in_bounded_memory():
+    """/dev/zero as input: one line that never ends. Under a 1 GiB allowance of new address
+    space the reader must stop with DataError, not grow until MemoryError."""
+    with open("/proc/self/statm") as f:
+        address_space = int(f.read().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (address_space + 2 ** 30, hard))
+    try:
+        with pytest.raises(DataError, match=rf"^/dev/zero: line 1 is {MAX_LINE_BYTES + 1:,}\+ bytes long"):
+            load_test("/dev/zero")
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# ----------------------------------------------------------------------------- zips
+
+def zip_patched(tmp_path, patch):
+    """A Kaggle-like zip whose bytes `patch` then edits in place."""
+    path = tmp_path / "digit-recognizer.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("train.csv", "\n".join(good_lines(True)) + "\n")
+    data = bytearray(path.read_bytes())
+    patch(data, local=data.index(b"PK\x03\x04"), central=data.index(b"PK\x01\x02"))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def set_encrypted(data, local, central):  # bit 0 of the flags: what zip tools write for a password
+    data[local + 6] |= 1
+    data[central + 8] |= 1
+
+
+def set_deflate64(data, local, central):  # compression method 9, as Windows Explorer writes for big files
+    data[local + 8] = data[central + 10] = 9
+
+
+def garble_central_directory(data, local, central):
+    data[central:central + 4] = b"XXXX"
+
+
+def truncate(data, local, central):
+    del data[central:]
+
+
+BAD_ZIPS = {
+    "encrypted": (set_encrypted, "digit-recognizer.zip:train.csv: is encrypted; unzip it with its password"),
+    "deflate64": (set_deflate64, "digit-recognizer.zip:train.csv: is compressed with deflate64, which Python "
+                                 "cannot read; unpack it with unzip or 7-Zip and pass the folder"),
+    "corrupt central directory": (garble_central_directory, "digit-recognizer.zip: damaged zip (Bad magic number "
+                                                            "for central directory); download"),
+    "truncated": (truncate, "digit-recognizer.zip: damaged zip"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ZIPS)
+def test_unreadable_zip_is_one_line_naming_it_and_the_fix(tmp_path, case):
+    patch, expected = BAD_ZIPS[case]
+    path = zip_patched(tmp_path, patch)
+    with pytest.raises(DataError) as error:
+        load_train(str(path))
+    assert str(error.value).startswith(str(path)) and expected in str(error.value)
