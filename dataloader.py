@@ -1,7 +1,8 @@
 """Kaggle Digit Recognizer data: CSV reading and checking, the Dataset, the split, augmentation.
 
 CSV files are read with pandas, in chunks, straight from Kaggle's zip, an unpacked
-folder, a `.csv` or a `.csv.gz`. Every chunk is checked (columns, numbers, 0-255 pixels, 0-9 labels,
+folder, a `.csv` or a `.csv.gz`; find_data looks in data/ and a Kaggle Notebook's input
+when no path is given. Every chunk is checked (columns, numbers, 0-255 pixels, 0-9 labels,
 line lengths, so memory stays bounded) and converted once to a uint8 tensor of shape
 (N, 1, 28, 28); any problem raises DataError with one line naming the file, the line and
 column, and the fix.
@@ -31,6 +32,9 @@ PIXEL_COLUMNS = [f"pixel{i}" for i in range(NUM_PIXELS)]
 CHUNK_ROWS = 8192  # rows per pandas chunk: bounded memory (~50 MB of int64) at full speed
 KAGGLE_LINE_BYTES = (NUM_PIXELS + 1) * 4  # label + 784 pixels, each at most "255,"
 MAX_LINE_BYTES = (NUM_PIXELS + 1) * 16  # generous: room for "255.000000000000" cells and spaces
+KAGGLE_INPUT_ENV = "DIGIT_RECOGNIZER_KAGGLE_INPUT"  # where Kaggle Notebooks mount data (tests point it elsewhere)
+GET_THE_DATA = ("get the data with `kaggle competitions download -c digit-recognizer -p data`, "
+                "or in a Kaggle Notebook with Add data -> Digit Recognizer competition")
 _UMASK = os.umask(0o022)  # os.umask can only be read by setting it: set it back at once
 os.umask(_UMASK)
 
@@ -40,6 +44,37 @@ class DataError(Exception):
 
 
 # ----------------------------------------------------------------------------- sources
+
+def find_data(path=None, names=("train.csv", "test.csv"), kaggle_root=None):
+    """The folder, zip or CSV file to read `names` from, each checked to be there.
+
+    `path` (--data/--input) is used when given. Without it, the first of data/,
+    data/digit-recognizer.zip (as the Kaggle CLI leaves it) and <kaggle_root>/digit-recognizer
+    (a Kaggle Notebook's read-only copy) that holds any of `names` is taken. `kaggle_root`
+    defaults to $DIGIT_RECOGNIZER_KAGGLE_INPUT, else /kaggle/input. A single CSV file cannot
+    be two of `names`: the test set would be the training images.
+    """
+    if path is None:
+        root = kaggle_root or os.environ.get(KAGGLE_INPUT_ENV, "/kaggle/input")
+        candidates = [os.path.join("data", ""), os.path.join("data", "digit-recognizer.zip"),
+                      os.path.join(root, "digit-recognizer", "")]
+        path = next((c for c in candidates if _holds_any(c, names)), None)
+        if path is None:
+            raise DataError(f"found no {' or '.join(names)} in {', '.join(candidates)}; {GET_THE_DATA}, "
+                            f"or pass the folder or zip that holds the data")
+    if len(names) > 1 and os.path.isfile(path) and not _is_zip(path):
+        raise DataError(f"{path}: one CSV file cannot be both {' and '.join(names)} (the test set would be the "
+                        f"training images); pass the folder or the Kaggle zip that holds them all")
+    for name in names:
+        resolve_csv(path, name)
+    return path
+
+
+def _holds_any(path, names):
+    if os.path.isdir(path):
+        return any(os.path.isfile(os.path.join(path, n + ending)) for n in names for ending in ("", ".gz"))
+    return os.path.isfile(path)
+
 
 def _is_zip(path):
     # is_zipfile reads a device such as /dev/zero to its (endless) end: regular files only
@@ -52,10 +87,7 @@ def resolve_csv(path: str, name: str):
     Returns (label for messages, opener) where opener() gives a binary file object.
     """
     if not os.path.exists(path):
-        raise DataError(
-            f"{path}: no such file or folder; download the data with "
-            f"`kaggle competitions download -c digit-recognizer -p data` (or pass --data/--input)"
-        )
+        raise DataError(f"{path}: no such file or folder; check the path, or {GET_THE_DATA}")
     if os.path.isdir(path):
         for candidate in (name, name + ".gz"):
             full = os.path.join(path, candidate)
