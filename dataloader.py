@@ -384,10 +384,31 @@ def stratified_split(labels, val_fraction, seed):
     for digit in labels.unique().tolist():
         members = torch.nonzero(labels == digit).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        n_val = int(round(val_fraction * len(members)))
+        n_val = _validation_rows(len(members), val_fraction)
         val_parts.append(members[:n_val])
         train_parts.append(members[n_val:])
     return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+def _validation_rows(class_rows, val_fraction):
+    return int(round(val_fraction * class_rows))
+
+
+def check_training_set(path, labels, val_fraction, log=print):
+    """For the `labels` loaded from `path`: DataError if `val_fraction` of each digit (as
+    stratified_split takes it) gives no validation image; a warning line through `log` for
+    digits with no images (a run on a subset can still be useful; it just never predicts them)."""
+    label, _ = resolve_csv(path, "train.csv")
+    counts = torch.bincount(labels, minlength=10).tolist()
+    missing = [str(digit) for digit, count in enumerate(counts) if count == 0]
+    if missing:
+        log(f"warning: {label}: no training images of {'digit' if len(missing) == 1 else 'digits'} "
+            f"{', '.join(missing)}; the model will never predict {'it' if len(missing) == 1 else 'them'}")
+    if val_fraction > 0 and not any(_validation_rows(count, val_fraction) for count in counts):
+        needed = math.floor(0.5 / val_fraction) + 1  # the fewest rows n with round(val_fraction * n) >= 1
+        raise DataError(f"{label}: {len(labels)} training rows leave no validation images ({val_fraction:.0%} of "
+                        f"each digit); a digit needs {needed}+ rows, so use {10 * needed}+ rows "
+                        f"(Kaggle's train.csv has 42,000), or train without validation (--full-train)")
 
 
 # ----------------------------------------------------------------------------- augmentation

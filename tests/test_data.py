@@ -1,4 +1,4 @@
-"""The data side: reading and checking Kaggle's CSVs, finding the data.
+"""The data side: reading and checking Kaggle's CSVs, finding the data, checking the training set.
 
 Every bad input is one DataError line naming the file, the line and column where there is
 one, and the fix; the command-line wiring (exit 2, nothing written) is in test_robustness.py.
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import SHARED_ZIP, edit_cell, edit_line, good_lines, make_digits, write_csv
-from dataloader import KAGGLE_INPUT_ENV, MAX_LINE_BYTES, DataError, find_data, iter_digit_csv, load_test, load_train
+from dataloader import (KAGGLE_INPUT_ENV, MAX_LINE_BYTES, DataError, check_training_set, find_data, iter_digit_csv,
+                        load_test, load_train, stratified_split)
 
 PAST_INT64 = "18446744073709551616"  # 2**64: overflows every integer type pandas parses into
 
@@ -296,3 +297,27 @@ def test_one_csv_cannot_be_both_training_and_test_set(kaggle_dir):
         find_data(train_csv)
     assert find_data(train_csv, names=("train.csv",)) == train_csv  # inference --report takes one labelled file
     assert find_data(str(kaggle_dir)) == str(kaggle_dir)
+
+
+# ----------------------------------------------------------------------------- the training set
+
+def test_too_few_rows_for_a_validation_split_is_an_error(kaggle_dir):
+    labels = make_digits(5)[1]
+    with pytest.raises(DataError, match=rf"^{kaggle_dir / 'train.csv'}: 5 training rows leave no validation images "
+                                        r"\(10% of each digit\); a digit needs 6\+ rows, so use 60\+ rows"):
+        check_training_set(str(kaggle_dir), labels, 0.1, log=lambda line: None)
+    assert len(stratified_split(labels, 0.1, seed=0)[1]) == 0  # what the check prevents
+    check_training_set(str(kaggle_dir), labels, 0, log=lambda line: None)  # no split, no problem
+    check_training_set(str(kaggle_dir), make_digits(60)[1], 0.1, log=lambda line: None)
+
+
+def test_missing_digits_are_one_warning_line(kaggle_dir):
+    labels = make_digits(200)[1]
+    lines = []
+    check_training_set(str(kaggle_dir), labels[labels != 3], 0.1, log=lines.append)
+    check_training_set(str(kaggle_dir), labels[(labels != 3) & (labels != 7)], 0.1, log=lines.append)
+    train_csv = kaggle_dir / "train.csv"
+    assert lines == [f"warning: {train_csv}: no training images of digit 3; the model will never predict it",
+                     f"warning: {train_csv}: no training images of digits 3, 7; the model will never predict them"]
+    check_training_set(str(kaggle_dir), labels, 0.1, log=lines.append)
+    assert len(lines) == 2
