@@ -400,15 +400,15 @@ def check_training_set(path, labels, val_fraction, log=print):
     digits with no images (a run on a subset can still be useful; it just never predicts them)."""
     label, _ = resolve_csv(path, "train.csv")
     counts = torch.bincount(labels, minlength=10).tolist()
-    missing = [str(digit) for digit, count in enumerate(counts) if count == 0]
-    if missing:
-        log(f"warning: {label}: no training images of {'digit' if len(missing) == 1 else 'digits'} "
-            f"{', '.join(missing)}; the model will never predict {'it' if len(missing) == 1 else 'them'}")
     if val_fraction > 0 and not any(_validation_rows(count, val_fraction) for count in counts):
         needed = math.floor(0.5 / val_fraction) + 1  # the fewest rows n with round(val_fraction * n) >= 1
         raise DataError(f"{label}: {len(labels)} training rows leave no validation images ({val_fraction:.0%} of "
                         f"each digit); a digit needs {needed}+ rows, so use {10 * needed}+ rows "
                         f"(Kaggle's train.csv has 42,000), or train without validation (--full-train)")
+    missing = [str(digit) for digit, count in enumerate(counts) if count == 0]
+    if missing:
+        log(f"warning: {label}: no training images of {'digit' if len(missing) == 1 else 'digits'} "
+            f"{', '.join(missing)}; the model will never predict {'it' if len(missing) == 1 else 'them'}")
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -306,7 +306,7 @@ def test_too_few_rows_for_a_validation_split_is_an_error(kaggle_dir):
     labels = make_digits(5)[1]
     with pytest.raises(DataError, match=rf"^{kaggle_dir / 'train.csv'}: 5 training rows leave no validation images "
                                         r"\(10% of each digit\); a digit needs 6\+ rows, so use 60\+ rows"):
-        check_training_set(str(kaggle_dir), labels, 0.1, log=lambda line: None)
+        check_training_set(str(kaggle_dir), labels, 0.1, log=pytest.fail)  # the error alone, no warning first
     assert len(stratified_split(labels, 0.1, seed=0)[1]) == 0  # what the check prevents
     check_training_set(str(kaggle_dir), labels, 0, log=lambda line: None)  # no split, no problem
     check_training_set(str(kaggle_dir), make_digits(60)[1], 0.1, log=lambda line: None)
