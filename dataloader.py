@@ -1,23 +1,28 @@
 """Kaggle Digit Recognizer data: CSV reading and checking, the Dataset, the split, augmentation.
 
 CSV files are read with pandas, in chunks, straight from Kaggle's zip, an unpacked
-folder, a `.csv` or a `.csv.gz`. Every chunk is checked (columns, numbers, 0-255 pixels,
-0-9 labels) and converted once to a uint8 tensor of shape (N, 1, 28, 28); any problem
-raises DataError with one line naming the file, the line and column, and the fix.
+folder, a `.csv` or a `.csv.gz`; find_data looks in data/ and a Kaggle Notebook's input
+when no path is given. Every chunk is checked (columns, numbers, 0-255 pixels, 0-9 labels,
+line lengths, so memory stays bounded) and converted once to a uint8 tensor of shape
+(N, 1, 28, 28); any problem raises DataError with one line naming the file, the line and
+column, and the fix.
 Augmentation is a batched random affine warp (rotation, scale, shear, shift) plus an
 optional elastic distortion, done with `affine_grid`/`grid_sample` on the training device.
 """
 
+import gzip
+import io
 import math
 import os
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from cli import UserError, setting
 
@@ -25,6 +30,11 @@ IMAGE_SIDE = 28
 NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(NUM_PIXELS)]
 CHUNK_ROWS = 8192  # rows per pandas chunk: bounded memory (~50 MB of int64) at full speed
+KAGGLE_LINE_BYTES = (NUM_PIXELS + 1) * 4  # label + 784 pixels, each at most "255,"
+MAX_LINE_BYTES = (NUM_PIXELS + 1) * 16  # generous: room for "255.000000000000" cells and spaces
+KAGGLE_INPUT_ENV = "DIGIT_RECOGNIZER_KAGGLE_INPUT"  # where Kaggle Notebooks mount data (tests point it elsewhere)
+GET_THE_DATA = ("get the data with `kaggle competitions download -c digit-recognizer -p data`, "
+                "or in a Kaggle Notebook with Add data -> Digit Recognizer competition")
 
 
 class DataError(UserError):
@@ -33,48 +43,145 @@ class DataError(UserError):
 
 # ----------------------------------------------------------------------------- sources
 
+def find_data(path=None, names=("train.csv", "test.csv"), kaggle_root=None):
+    """The folder, zip or CSV file to read `names` from, each checked to be there.
+
+    `path` (--data/--input) is used when given. Without it, the first of data/,
+    data/digit-recognizer.zip (as the Kaggle CLI leaves it) and <kaggle_root>/digit-recognizer
+    (a Kaggle Notebook's read-only copy) that holds any of `names` is taken. `kaggle_root`
+    defaults to $DIGIT_RECOGNIZER_KAGGLE_INPUT, else /kaggle/input. A single CSV file cannot
+    be two of `names`: the test set would be the training images.
+    """
+    if path is None:
+        root = kaggle_root or os.environ.get(KAGGLE_INPUT_ENV, "/kaggle/input")
+        candidates = [os.path.join("data", ""), os.path.join("data", "digit-recognizer.zip"),
+                      os.path.join(root, "digit-recognizer", "")]
+        path = next((c for c in candidates if _holds_any(c, names)), None)
+        if path is None:
+            raise DataError(f"found no {' or '.join(names)} in {', '.join(candidates)}; {GET_THE_DATA}, "
+                            f"or pass the folder or zip that holds the data")
+    if len(names) > 1 and os.path.isfile(path) and not _is_zip(path):
+        raise DataError(f"{path}: one CSV file cannot be both {' and '.join(names)} (the test set would be the "
+                        f"training images); pass the folder or the Kaggle zip that holds them all")
+    for name in names:
+        resolve_csv(path, name)
+    return path
+
+
+def _holds_any(path, names):
+    if os.path.isdir(path):
+        return any(os.path.isfile(os.path.join(path, n + ending)) for n in names for ending in ("", ".gz"))
+    return os.path.isfile(path)
+
+
+def _is_zip(path):
+    # is_zipfile reads a device such as /dev/zero to its (endless) end: regular files only
+    return str(path).lower().endswith(".zip") or (os.path.isfile(path) and zipfile.is_zipfile(path))
+
+
 def resolve_csv(path: str, name: str):
     """Find `name` ('train.csv' or 'test.csv') in a folder, Kaggle zip, or take `path` as the CSV.
 
-    Returns (label for messages, opener) where opener() gives a binary file object or path.
+    Returns (label for messages, opener) where opener() gives a binary file object.
     """
     if not os.path.exists(path):
-        raise DataError(
-            f"{path}: no such file or folder; download the data with "
-            f"`kaggle competitions download -c digit-recognizer -p data` (or pass --data/--input)"
-        )
+        raise DataError(f"{path}: no such file or folder; check the path, or {GET_THE_DATA}")
     if os.path.isdir(path):
         for candidate in (name, name + ".gz"):
             full = os.path.join(path, candidate)
             if os.path.isfile(full):
-                return full, lambda: full
+                return full, lambda: _open_file(full)
         raise DataError(f"{path}: folder has no {name}; unzip digit-recognizer.zip there or pass the zip itself")
-    if zipfile.is_zipfile(path):
+    if _is_zip(path):
+        return _resolve_zip_member(path, name)
+    return path, lambda: _open_file(path)
+
+
+def _open_file(path):
+    return gzip.open(path) if str(path).endswith(".gz") else open(path, "rb")
+
+
+def _resolve_zip_member(path, name):
+    try:
         with zipfile.ZipFile(path) as archive:
-            members = [m for m in archive.namelist() if os.path.basename(m) == name]
-        if not members:
-            raise DataError(f"{path}: zip has no {name}; pass the digit-recognizer.zip that Kaggle ships")
-        label = f"{path}:{members[0]}"
-        return label, lambda: zipfile.ZipFile(path).open(members[0])
-    return path, lambda: path
+            members = [m for m in archive.infolist() if os.path.basename(m.filename) == name]
+    except zipfile.BadZipFile as e:
+        raise DataError(_damaged_zip(path, e)) from None
+    if not members:
+        raise DataError(f"{path}: zip has no {name}; pass the digit-recognizer.zip that Kaggle ships")
+    member, label = members[0], f"{path}:{members[0].filename}"
+    if member.flag_bits & 0x1:  # the zip format's "encrypted" bit
+        raise DataError(f"{label}: is encrypted; unzip it with its password and pass the folder, "
+                        f"or use Kaggle's digit-recognizer.zip, which is not encrypted")
+    if member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        method = zipfile.compressor_names.get(member.compress_type, f"method {member.compress_type}")
+        raise DataError(f"{label}: is compressed with {method}, which Python cannot read; "
+                        f"unpack it with unzip or 7-Zip and pass the folder")
+    return label, lambda: zipfile.ZipFile(path).open(member)
+
+
+def _damaged_zip(path, error):
+    return f"{path}: damaged zip ({error}); download digit-recognizer.zip again"
+
+
+class _LineBoundedReader(io.BufferedIOBase):
+    """The binary stream pandas reads, raising DataError as soon as a line passes MAX_LINE_BYTES.
+
+    pandas would buffer an endless line (a wrong file, /dev/zero) until memory runs out;
+    here each block it asks for is checked, so at most one block past the limit is read.
+    """
+
+    def __init__(self, raw, label):
+        self._raw, self._label = raw, label
+        self._line_bytes = 0  # of the unfinished line at the end of what was read
+        self._newlines = 0
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        block = self._raw.read(size)
+        start = -self._line_bytes  # where the current line began, relative to this block
+        while len(block) - start > MAX_LINE_BYTES:
+            # Lines are short: jump to the last newline within reach of the line start.
+            newline = block.rfind(b"\n", max(start, 0), start + MAX_LINE_BYTES + 1)
+            if newline < 0:
+                line = self._newlines + block.count(b"\n", 0, max(start, 0)) + 1
+                raise DataError(f"{self._label}: line {line} is {MAX_LINE_BYTES + 1:,}+ bytes long; a Kaggle row "
+                                f"is at most {KAGGLE_LINE_BYTES:,} bytes; is this the Kaggle CSV?")
+            start = newline + 1
+        last_newline = block.rfind(b"\n", max(start, 0))
+        self._line_bytes = len(block) - (start if last_newline < 0 else last_newline + 1)
+        self._newlines += block.count(b"\n")
+        return block
+
+    def close(self):
+        self._raw.close()
+        super().close()
 
 
 def _read_chunks(label, opener, chunk_rows, dtype=None):
     try:
-        source = opener()
-        reader = pd.read_csv(source, chunksize=chunk_rows, dtype=dtype)
-        while True:
-            with np.errstate(invalid="ignore"):  # an Inf cell cast to uint8 warns, then raises
-                chunk = next(reader, None)
-            if chunk is None:
-                return
-            yield chunk
+        with _LineBoundedReader(opener(), label) as source:
+            # A blank line is kept (as a row of blanks): skipped, it would shift every later line number.
+            reader = pd.read_csv(source, chunksize=chunk_rows, dtype=dtype, skip_blank_lines=False)
+            while True:
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    # An Inf cell cast to uint8 warns, then raises; a column of text and numbers warns
+                    # (DtypeWarning); both are reported as one DataError line instead.
+                    warnings.simplefilter("ignore", pd.errors.DtypeWarning)
+                    chunk = next(reader, None)
+                if chunk is None:
+                    return
+                yield chunk
     except pd.errors.EmptyDataError:
         raise DataError(f"{label}: file is empty; expected a Kaggle CSV with a header line") from None
     except pd.errors.ParserError as e:  # e.g. "Expected 785 fields in line 7, saw 786"
         detail = str(e).strip().splitlines()[0].removeprefix("Error tokenizing data. C error: ")
         raise DataError(f"{label}: {detail}; every line needs the header's number of cells") from None
-    except (UnicodeDecodeError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except zipfile.BadZipFile as e:
+        raise DataError(_damaged_zip(label, e)) from None
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{label}: not a readable CSV ({type(e).__name__}); pass the Kaggle train.csv/test.csv") from None
 
 
@@ -82,6 +189,10 @@ def _read_chunks(label, opener, chunk_rows, dtype=None):
 
 def _check_columns(label, columns, expect_label):
     columns = [str(c).strip() for c in columns]
+    if len(columns) == 1:  # one long header cell: the cells are split by something else
+        for separator, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'"), (" ", "spaces")):
+            if separator in columns[0]:
+                raise DataError(f"{label}: uses {name} between cells; Kaggle's CSVs use commas")
     pixel_columns = [c for c in columns if c != "label"]
     if expect_label and "label" not in columns:
         raise DataError(f"{label}: no 'label' column; a training CSV needs label,pixel0..pixel783")
@@ -96,7 +207,7 @@ def _check_columns(label, columns, expect_label):
 
 
 def _numeric(label, chunk, first_line):
-    """The chunk as numbers, or DataError for its first blank, NaN, Inf or fractional cell.
+    """The chunk as numbers, or DataError for its first blank line or blank, NaN, Inf or fractional cell.
 
     Whole numbers written as floats ("3.0") are accepted; the caller checks their range.
     """
@@ -108,20 +219,22 @@ def _numeric(label, chunk, first_line):
     if not bad.any():
         return numeric
     row, col = np.argwhere(bad)[0]  # the first bad line, then its first bad column
+    if chunk.iloc[row].isna().all():
+        raise DataError(f"{label}: line {first_line + row} is blank; delete it (each line is one image)")
     raw, where = chunk.iat[row, col], f"{label}: line {first_line + row}, column '{chunk.columns[col]}'"
     if pd.isna(raw) or (isinstance(raw, str) and not raw.strip()):
         raise DataError(f"{where}: blank or NaN cell; every cell must be a whole number")
     raise DataError(f"{where}: '{raw}' is not a whole number; fix or drop that row")
 
 
-def _chunk_to_tensors(label, chunk, first_line, keep_label):
-    chunk = _numeric(label, chunk, first_line)
+def _chunk_to_tensors(label, raw, first_line, keep_label):
+    chunk = _numeric(label, raw, first_line)
     values = chunk.to_numpy()  # (n, columns); _check_columns made the non-label ones pixel0..783 in order
     pixels = np.delete(values, chunk.columns.get_loc("label"), axis=1) if keep_label else values
     if pixels.min() < 0 or pixels.max() > 255:
         row, col = np.argwhere((pixels < 0) | (pixels > 255))[0]
         raise DataError(
-            f"{label}: line {first_line + row}, column 'pixel{col}': value {pixels[row, col]} "
+            f"{label}: line {first_line + row}, column 'pixel{col}': value {raw[f'pixel{col}'].iat[row]} "
             f"is outside 0-255; pixels are 8-bit grey levels"
         )
     images = torch.from_numpy(pixels.astype(np.uint8, copy=False)).view(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
@@ -131,7 +244,7 @@ def _chunk_to_tensors(label, chunk, first_line, keep_label):
     bad = (labels < 0) | (labels > 9)
     if bad.any():
         row = int(np.argmax(bad))
-        raise DataError(f"{label}: line {first_line + row}, column 'label': {labels[row]} is not a digit 0-9")
+        raise DataError(f"{label}: line {first_line + row}, column 'label': {raw['label'].iat[row]} is not a digit 0-9")
     return images, torch.from_numpy(labels.astype(np.int64))
 
 
@@ -153,9 +266,7 @@ def iter_digit_csv(path, name, labelled, chunk_rows=CHUNK_ROWS, log=print):
         for chunk in _checked_chunks(label, opener, labelled, chunk_rows, log, dtype=np.uint8):
             yield chunk
             chunks_done += 1
-    except ValueError as e:
-        if isinstance(e, pd.errors.ParserError):
-            raise
+    except (ValueError, OverflowError):  # a cell uint8 cannot hold; OverflowError past 2**64
         quiet = chunks_done > 0  # the first pass has given its notes by then
         checked = _checked_chunks(label, opener, labelled, chunk_rows, log=(lambda *_: None) if quiet else log)
         for index, chunk in enumerate(checked):
@@ -169,6 +280,9 @@ def _checked_chunks(label, opener, labelled, chunk_rows, log, dtype=None):
         chunk.columns = [str(c).strip() for c in chunk.columns]
         if rows == 0:
             _check_columns(label, chunk.columns, expect_label=labelled)
+            if not isinstance(chunk.index, pd.RangeIndex):  # pandas takes surplus leading cells as the index
+                raise DataError(f"{label}: line 2 has {chunk.index.nlevels + len(chunk.columns)} cells, the header "
+                                f"{len(chunk.columns)}; every line needs the header's number of cells")
             if not labelled and "label" in chunk.columns:
                 log(f"note: {label} has a 'label' column; it is ignored for prediction")
         if not labelled and "label" in chunk.columns:
@@ -199,11 +313,10 @@ def load_test(path, log=print):
 
 # ----------------------------------------------------------------------------- dataset
 
-class DigitDataset(Dataset):
+class DigitDataset:
     """Images (N, 1, 28, 28) uint8 and labels (N,) int64, held as whole tensors.
 
-    The training loop slices `images[idx]` for a batch of indices; `__getitem__` is
-    there for DataLoader-style use and inspection.
+    The training loop slices `images[idx]` for a batch of indices.
     """
 
     def __init__(self, images, labels):
@@ -214,9 +327,6 @@ class DigitDataset(Dataset):
 
     def __len__(self):
         return len(self.images)
-
-    def __getitem__(self, index):
-        return self.images[index], self.labels[index]
 
     def subset(self, indices):
         return DigitDataset(self.images[indices], self.labels[indices])
@@ -234,11 +344,32 @@ def stratified_split(labels, val_fraction, seed):
     for digit in labels.unique().tolist():
         members = torch.nonzero(labels == digit).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        n_val = int(round(val_fraction * len(members)))
-        n_val = max(n_val, 1) if len(members) >= 2 else n_val  # a tiny class still gets validated
+        n_val = _validation_rows(len(members), val_fraction)
         val_parts.append(members[:n_val])
         train_parts.append(members[n_val:])
     return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+def _validation_rows(class_rows, val_fraction):
+    """Validation images of a digit with `class_rows` images: its share, at least 1 of 2+."""
+    n_val = int(round(val_fraction * class_rows))
+    return max(n_val, 1) if class_rows >= 2 else n_val
+
+
+def check_training_set(path, labels, val_fraction, log=print):
+    """For the `labels` loaded from `path`: DataError if `val_fraction` of each digit (as
+    stratified_split takes it) gives no validation image; a warning line through `log` for
+    digits with no images (a run on a subset can still be useful; it just never predicts them)."""
+    label, _ = resolve_csv(path, "train.csv")
+    counts = torch.bincount(labels, minlength=10).tolist()
+    if val_fraction > 0 and not any(_validation_rows(count, val_fraction) for count in counts):
+        raise DataError(f"{label}: {len(labels)} training rows leave no validation images ({val_fraction:.0%} of "
+                        f"each digit); a digit needs 2+ rows to be in both sets (Kaggle's train.csv has "
+                        f"42,000), or train without validation (--full-train)")
+    missing = [str(digit) for digit, count in enumerate(counts) if count == 0]
+    if missing:
+        log(f"warning: {label}: no training images of {'digit' if len(missing) == 1 else 'digits'} "
+            f"{', '.join(missing)}; the model will never predict {'it' if len(missing) == 1 else 'them'}")
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -24,7 +24,7 @@ import torch
 
 from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, UserError, choose_device, exit_code_of_user_error
-from dataloader import CHUNK_ROWS, DataError, DigitDataset, iter_digit_csv, load_digit_csv, warp
+from dataloader import CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv, warp
 from files import atomic_open, check_outputs
 from report import report_files, write_report
 
@@ -146,8 +146,9 @@ def parse_args(argv):
                         help="one or more checkpoints; several are averaged as an ensemble (required)")
     parser.add_argument("--input", default=None,
                         help="test.csv, test.csv.gz, a folder holding it, or the Kaggle zip; with --report a "
-                             "labelled train.csv-shaped file, folder or zip "
-                             "(default: data/test.csv; with --report: data/train.csv)")
+                             "labelled train.csv-shaped file, folder or zip (default: test.csv, with --report "
+                             "train.csv, from the first of data/, data/digit-recognizer.zip and "
+                             "/kaggle/input/digit-recognizer/ that holds it)")
     parser.add_argument("--output", default=None, help="submission path (default: final_submission.csv)")
     parser.add_argument("--report", default=None, metavar="DIR",
                         help="score the labelled --input instead of writing a submission, and write the confusion "
@@ -161,7 +162,6 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.report is not None and args.output:
         parser.error("--report scores a labelled file and writes no submission; drop --output")
-    args.input = args.input or ("data/train.csv" if args.report else "data/test.csv")
     args.output = None if args.report is not None else (args.output or "final_submission.csv")
     return args
 
@@ -178,7 +178,9 @@ def planned_outputs(args):
 
 def run(args, log=print):
     """Predict (or, with --report, score) and write; returns the number of rows predicted."""
-    inputs = [*args.checkpoint, *csv_files(args.input, "train.csv" if args.report else "test.csv")]
+    name = "train.csv" if args.report is not None else "test.csv"
+    args.input = find_data(args.input, names=(name,))  # data/, the Kaggle CLI's zip, or a notebook's input
+    inputs = [*args.checkpoint, *csv_files(args.input, name)]
     check_outputs(planned_outputs(args), inputs)
     device = choose_device(args.device)
     models = load_models(args.checkpoint, device)

@@ -33,7 +33,7 @@ import torch
 from DigitRecognizerModel import build_model
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, exit_code_of_user_error,
                  settings_from_flags, sigterm_as_interrupt)
-from dataloader import DataError, DigitDataset, load_test, load_train, stratified_split
+from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train, stratified_split
 from files import check_outputs, folder_lock
 from inference import csv_files, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, preset, preset_notes
@@ -52,8 +52,10 @@ class _RaisingParser(ArgumentParser):
 
 def build_parser(parser_class=ArgumentParser):
     parser = parser_class(description="Train the digit recognizer and write a Kaggle submission.")
-    parser.add_argument("--data", default="data/",
-                        help="folder with train.csv and test.csv, or the Kaggle zip (default: data/)")
+    parser.add_argument("--data", default=None,
+                        help="folder with train.csv and test.csv, or the Kaggle zip (default: the first of data/, "
+                             "data/digit-recognizer.zip and /kaggle/input/digit-recognizer/ that holds them; "
+                             "$DIGIT_RECOGNIZER_KAGGLE_INPUT replaces /kaggle/input)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
                         help="recipe: fast = a minute's look, default = one model, best = the leaderboard "
                              "ensemble; flags below override its settings (default: default)")
@@ -111,11 +113,10 @@ def load_data(options, recipe, log):
     """(train set, validation set, test images), checked before any training."""
     images, labels = load_train(options.data, log=log)
     test_images = load_test(options.data, log=log)  # read (and checked) before training, not after
+    val_fraction = 0 if recipe.ensemble.full_train else VAL_FRACTION
+    check_training_set(options.data, labels, val_fraction, log=log)
     full = DigitDataset(images, labels)
-    train_idx, val_idx = stratified_split(labels, 0 if recipe.ensemble.full_train else VAL_FRACTION, options.seed)
-    if len(val_idx) == 0 and not recipe.ensemble.full_train:
-        raise DataError(f"{options.data}: {len(labels)} training rows leave no validation images (a digit needs "
-                        f"2 rows to be in both sets); add rows, or pass --full-train to train without validation")
+    train_idx, val_idx = stratified_split(labels, val_fraction, options.seed)
     if len(train_idx) < recipe.train.batch_size:
         raise DataError(f"--batch-size {recipe.train.batch_size} is larger than the {len(train_idx):,} training "
                         f"images; lower it or add data")
@@ -168,6 +169,7 @@ def train_and_submit(options, recipe, device, log=print):
     rank, world_size = rank_and_world_size()
     if rank:  # rank 0 alone logs and writes files
         log = lambda *_, **__: None
+    options.data = find_data(options.data)  # data/, the Kaggle CLI's zip, or a notebook's input folder
     inputs = csv_files(options.data, "train.csv") + csv_files(options.data, "test.csv")
     check_outputs(planned_outputs(options, recipe), inputs)
     train_set, val_set, test_images = load_data(options, recipe, log)

@@ -1,8 +1,11 @@
 """Small synthetic Digit Recognizer data, written in Kaggle's CSV format."""
 
+import functools
 import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +44,33 @@ def write_csv(path, images, labels=None):
         f.write(",".join(header) + "\n")
         np.savetxt(f, table, fmt="%d", delimiter=",")
     return str(path)
+
+
+ROWS = 12  # rows of the small good CSVs every bad one is made from
+
+
+@functools.cache
+def good_lines(labelled):
+    """Lines (header first) of a good train.csv (labelled) or test.csv of ROWS rows."""
+    images, labels = make_digits(ROWS, seed=5)
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_csv(os.path.join(folder, "good.csv"), images, labels if labelled else None)
+        return tuple(Path(path).read_text().splitlines())
+
+
+def edit_cell(value, column="pixel5", line=4):
+    """Content with one cell replaced; line numbers count the header as line 1, like editors."""
+    def edit(lines):
+        cells = lines[line - 1].split(",")
+        cells[lines[0].split(",").index(column)] = value
+        return "\n".join([*lines[:line - 1], ",".join(cells), *lines[line:]]) + "\n"
+    return edit
+
+
+def edit_line(change, line=4):
+    def edit(lines):
+        return "\n".join([*lines[:line - 1], change(lines[line - 1]), *lines[line:]]) + "\n"
+    return edit
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,6 @@
 """Behaviour of the suite end to end: data, augmentation, model, checkpoints, submission, CLI."""
 
-import gzip
 import os
-import shutil
 import zipfile
 
 import pandas as pd
@@ -13,38 +11,12 @@ import inference
 import main
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import SHARED_ZIP, make_digits, small_recipe
-from dataloader import AugmentConfig, DigitDataset, augment, load_test, load_train, stratified_split, warp
+from dataloader import AugmentConfig, DigitDataset, augment, stratified_split, warp
 from inference import predict_logits
 from trainer import evaluate, train
 
 CPU = torch.device("cpu")
 NO_AUGMENT = AugmentConfig(rotate_deg=0, scale=0, shear=0, shift=0)
-
-
-def test_csv_to_tensors(kaggle_dir):
-    images, labels = load_train(str(kaggle_dir))
-    assert images.shape == (600, 1, 28, 28) and images.dtype == torch.uint8
-    assert labels.shape == (600,) and labels.dtype == torch.int64
-    assert 0 <= labels.min() and labels.max() <= 9 and set(labels.tolist()) == set(range(10))
-    expected_images, expected_labels = make_digits(600, seed=1)
-    assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
-    test_images = load_test(str(kaggle_dir))
-    assert test_images.shape == (120, 1, 28, 28) and test_images.dtype == torch.uint8
-
-
-def test_reads_zip_gz_and_plain_csv_alike(kaggle_dir, tmp_path):
-    zip_path = tmp_path / "digit-recognizer.zip"
-    with zipfile.ZipFile(zip_path, "w") as archive:
-        archive.write(kaggle_dir / "train.csv", "train.csv")
-        archive.write(kaggle_dir / "test.csv", "test.csv")
-    gz_dir = tmp_path / "gz"
-    gz_dir.mkdir()
-    with open(kaggle_dir / "test.csv", "rb") as src, gzip.open(gz_dir / "test.csv.gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    reference = load_test(str(kaggle_dir))
-    for source in (zip_path, gz_dir, gz_dir / "test.csv.gz", kaggle_dir / "test.csv"):
-        assert torch.equal(load_test(str(source)), reference)
-    assert torch.equal(load_train(str(zip_path))[1], load_train(str(kaggle_dir))[1])
 
 
 def test_stratified_split_is_seeded_disjoint_and_balanced():

@@ -165,10 +165,10 @@ def test_main_report_and_quiet(tmp_path, kaggle_dir, capsys, quiet):
         assert not report_dir.exists() and "per-class" not in out
 
 
-def test_main_bad_report_dir_is_one_line_exit_2(tmp_path, capsys):
+def test_main_bad_report_dir_is_one_line_exit_2(tmp_path, kaggle_dir, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    assert main_module.main(["--data", str(tmp_path), "--report", str(blocker / "reports")]) == 2
+    assert main_module.main(["--data", str(kaggle_dir), "--report", str(blocker / "reports")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --report") and err.count("\n") == 1
 

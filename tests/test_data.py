@@ -1,0 +1,325 @@
+"""The data side: reading and checking Kaggle's CSVs, finding the data, checking the training set.
+
+Every bad input is one DataError line naming the file, the line and column where there is
+one, and the fix; the command-line wiring (exit 2, nothing written) is in test_robustness.py.
+"""
+
+import gzip
+import os
+import resource
+import shutil
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_ZIP, edit_cell, edit_line, good_lines, make_digits, write_csv
+from dataloader import (KAGGLE_INPUT_ENV, MAX_LINE_BYTES, DataError, check_training_set, find_data, iter_digit_csv,
+                        load_test, load_train, stratified_split)
+
+PAST_INT64 = "18446744073709551616"  # 2**64: overflows every integer type pandas parses into
+
+
+def load(path, labelled):
+    return load_train(str(path)) if labelled else load_test(str(path))
+
+
+def write(path, content):
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+# ----------------------------------------------------------------------------- good files
+
+def test_csv_to_tensors(kaggle_dir):
+    images, labels = load_train(str(kaggle_dir))
+    assert images.shape == (600, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (600,) and labels.dtype == torch.int64
+    assert 0 <= labels.min() and labels.max() <= 9 and set(labels.tolist()) == set(range(10))
+    expected_images, expected_labels = make_digits(600, seed=1)
+    assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+    test_images = load_test(str(kaggle_dir))
+    assert test_images.shape == (120, 1, 28, 28) and test_images.dtype == torch.uint8
+
+
+def test_reads_zip_gz_and_plain_csv_alike(kaggle_dir, tmp_path):
+    zip_path = tmp_path / "digit-recognizer.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.write(kaggle_dir / "train.csv", "train.csv")
+        archive.write(kaggle_dir / "test.csv", "test.csv")
+    gz_dir = tmp_path / "gz"
+    gz_dir.mkdir()
+    with open(kaggle_dir / "test.csv", "rb") as src, gzip.open(gz_dir / "test.csv.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    reference = load_test(str(kaggle_dir))
+    for source in (zip_path, gz_dir, gz_dir / "test.csv.gz", kaggle_dir / "test.csv"):
+        assert torch.equal(load_test(str(source)), reference)
+    assert torch.equal(load_train(str(zip_path))[1], load_train(str(kaggle_dir))[1])
+
+
+def test_lines_up_to_the_length_limit_read_across_blocks(tmp_path):
+    """Cells zero-padded to 1-15 characters: lines of 1.5-12.5 KB, many per 256 KB block that
+    pandas reads; none is too long, and the values come through."""
+    images, labels = make_digits(60, seed=4)
+    header = ",".join(["label"] + [f"pixel{i}" for i in range(784)])
+    rows = [",".join(f"{v:0{1 + i % 15}d}" for v in [int(label), *image.flatten().tolist()])
+            for i, (image, label) in enumerate(zip(images, labels))]
+    assert max(map(len, rows)) <= MAX_LINE_BYTES
+    path = write(tmp_path / "padded.csv", "\n".join([header, *rows]) + "\n")
+    loaded_images, loaded_labels = load_train(str(path))
+    assert torch.equal(loaded_images, images) and torch.equal(loaded_labels, labels)
+    rows[50] += "0" * MAX_LINE_BYTES  # past the limit, in a later block
+    write(path, "\n".join([header, *rows]) + "\n")
+    with pytest.raises(DataError, match=rf"padded.csv: line 52 is {MAX_LINE_BYTES + 1:,}\+ bytes long"):
+        load_train(str(path))
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_ZIP), reason="needs ../shared/data/digit-recognizer.zip")
+def test_rows_of_the_real_kaggle_files_pass_the_checks(tmp_path):
+    with zipfile.ZipFile(SHARED_ZIP) as archive:
+        for name, labelled in (("train.csv", True), ("test.csv", False)):
+            with archive.open(name) as member:
+                head = b"".join(next(member) for _ in range(301))  # header + 300 rows
+            images = load(write(tmp_path / name, head), labelled)
+            assert len(images[0] if labelled else images) == 300
+
+
+# ----------------------------------------------------------------------------- bad CSV files
+
+BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must say)
+    "empty file": (lambda lines: "", "file is empty"),
+    "header only": (lambda lines: lines[0] + "\n", "has a header but no rows"),
+    "783 pixel columns": (lambda lines: "\n".join(t.rsplit(",", 1)[0] for t in lines) + "\n",
+                          "783 pixel columns, expected 784"),
+    "extra cell": (edit_line(lambda t: t + ",0"), "fields in line 4, saw"),
+    "extra cell on line 2": (edit_line(lambda t: t + ",0", line=2), "line 2 has"),  # pandas: an index column
+    "blank line": (edit_line(lambda t: "", line=3), "line 3 is blank; delete it"),  # pandas would skip it and
+    "blank last line": (lambda lines: "\n".join(lines) + "\n\n", "line 14 is blank"),  # miscount the lines after
+    "missing cell": (edit_line(lambda t: t.rsplit(",", 1)[0]), "line 4, column 'pixel783': blank or NaN"),
+    "text cell": (edit_cell("x"), "line 4, column 'pixel5': 'x' is not a whole number"),
+    "blank cell": (edit_cell(""), "line 4, column 'pixel5': blank or NaN"),
+    "NaN cell": (edit_cell("NaN"), "line 4, column 'pixel5': blank or NaN"),
+    "Inf cell": (edit_cell("inf"), "line 4, column 'pixel5': 'inf' is not a whole number"),
+    "fraction": (edit_cell("0.5"), "line 4, column 'pixel5': '0.5' is not a whole number"),
+    "below 0": (edit_cell("-1"), "line 4, column 'pixel5': value -1 is outside 0-255"),
+    "above 255": (edit_cell("256"), "line 4, column 'pixel5': value 256 is outside 0-255"),
+    "past int64": (edit_cell(PAST_INT64), f"line 4, column 'pixel5': value {PAST_INT64} is outside 0-255"),
+    "below int64": (edit_cell("-" + PAST_INT64), f"line 4, column 'pixel5': value -{PAST_INT64} is outside"),
+    "semicolons": (lambda lines: "\n".join(t.replace(",", ";") for t in lines) + "\n",
+                   "uses ';' between cells; Kaggle's CSVs use commas"),
+    "tabs": (lambda lines: "\n".join(t.replace(",", "\t") for t in lines) + "\n", "uses tabs between cells"),
+    "200 KB line": (edit_line(lambda t: "7" * 200_000, line=2), f"line 2 is {MAX_LINE_BYTES + 1:,}+ bytes long"),
+    "200 KB header": (edit_line(lambda t: "pixel" * 40_000, line=1), f"line 1 is {MAX_LINE_BYTES + 1:,}+ bytes"),
+    "binary, not CSV": (lambda lines: np.random.default_rng(0).bytes(4096), "not a readable CSV"),
+}
+BAD_TRAIN_CONTENT = {
+    "no label column": (lambda lines: "\n".join(t.split(",", 1)[1] for t in lines) + "\n", "no 'label' column"),
+    "label 10": (edit_cell("10", column="label"), "line 4, column 'label': 10 is not a digit 0-9"),
+    "label -1": (edit_cell("-1", column="label"), "line 4, column 'label': -1 is not a digit 0-9"),
+    "label past int64": (edit_cell(PAST_INT64, column="label"), f"line 4, column 'label': {PAST_INT64} is not a digit"),
+}
+CASES = [(labelled, case) for labelled in (True, False) for case in BAD_CONTENT]
+CASES += [(True, case) for case in BAD_TRAIN_CONTENT]
+
+
+@pytest.mark.parametrize("labelled, case", CASES)
+def test_bad_csv_is_one_line_naming_file_line_and_column(tmp_path, labelled, case):
+    make, expected = {**BAD_CONTENT, **BAD_TRAIN_CONTENT}[case]
+    path = write(tmp_path / ("train.csv" if labelled else "test.csv"), make(good_lines(labelled)))
+    with pytest.raises(DataError) as error:
+        load(path, labelled)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize("value, expected", [("x", "'x' is not a whole number"),
+                                             (PAST_INT64, f"value {PAST_INT64} is outside 0-255")])
+def test_bad_cell_in_a_later_chunk_names_its_line(tmp_path, value, expected):
+    path = write(tmp_path / "test.csv", edit_cell(value, line=11)(good_lines(False)))  # third chunk of 4 rows
+    chunks = iter_digit_csv(str(path), "test.csv", labelled=False, chunk_rows=4)
+    assert [len(images) for images, _ in (next(chunks), next(chunks))] == [4, 4]
+    with pytest.raises(DataError, match=f"line 11, column 'pixel5': {expected}"):
+        next(chunks)
+
+
+def test_text_cell_after_1500_rows_gives_no_pandas_warning(tmp_path):
+    """pandas guesses column types per block of rows and warns (DtypeWarning, with its own source
+    line on stderr) when a column mixes numbers and text: the user gets our one line only."""
+    path = write_csv(tmp_path / "train.csv", *make_digits(1600))
+    lines = open(path).read().splitlines()
+    write(tmp_path / "train.csv", edit_cell("abc", line=1500)(lines))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        with pytest.raises(DataError, match="line 1500, column 'pixel5': 'abc' is not a whole number"):
+            load_train(path)
+
+
+def test_endless_line_is_an_error_at_once_in_bounded_memory():
+    """/dev/zero as input: one line that never ends. Under a 1 GiB allowance of new address
+    space the reader must stop with DataError, not grow until MemoryError."""
+    with open("/proc/self/statm") as f:
+        address_space = int(f.read().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = address_space + 2 ** 30
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    try:
+        with pytest.raises(DataError, match=rf"^/dev/zero: line 1 is {MAX_LINE_BYTES + 1:,}\+ bytes long"):
+            load_test("/dev/zero")
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# ----------------------------------------------------------------------------- zips
+
+def zip_patched(tmp_path, patch):
+    """A Kaggle-like zip whose bytes `patch` then edits in place."""
+    path = tmp_path / "digit-recognizer.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("train.csv", "\n".join(good_lines(True)) + "\n")
+    data = bytearray(path.read_bytes())
+    patch(data, local=data.index(b"PK\x03\x04"), central=data.index(b"PK\x01\x02"))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def set_encrypted(data, local, central):  # bit 0 of the flags: what zip tools write for a password
+    data[local + 6] |= 1
+    data[central + 8] |= 1
+
+
+def set_deflate64(data, local, central):  # compression method 9, as Windows Explorer writes for big files
+    data[local + 8] = data[central + 10] = 9
+
+
+def garble_central_directory(data, local, central):
+    data[central:central + 4] = b"XXXX"
+
+
+def truncate(data, local, central):
+    del data[central:]
+
+
+BAD_ZIPS = {
+    "encrypted": (set_encrypted, "digit-recognizer.zip:train.csv: is encrypted; unzip it with its password"),
+    "deflate64": (set_deflate64, "digit-recognizer.zip:train.csv: is compressed with deflate64, which Python "
+                                 "cannot read; unpack it with unzip or 7-Zip and pass the folder"),
+    "corrupt central directory": (garble_central_directory, "digit-recognizer.zip: damaged zip (Bad magic number "
+                                                            "for central directory); download"),
+    "truncated": (truncate, "digit-recognizer.zip: damaged zip"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ZIPS)
+def test_unreadable_zip_is_one_line_naming_it_and_the_fix(tmp_path, case):
+    patch, expected = BAD_ZIPS[case]
+    path = zip_patched(tmp_path, patch)
+    with pytest.raises(DataError) as error:
+        load_train(str(path))
+    assert str(error.value).startswith(str(path)) and expected in str(error.value)
+
+
+# ----------------------------------------------------------------------------- finding the data
+
+@pytest.fixture
+def kaggle_input(tmp_path, monkeypatch):
+    """A simulated Kaggle Notebook input root (empty until a test fills it)."""
+    root = tmp_path / "kaggle-input"
+    monkeypatch.setenv(KAGGLE_INPUT_ENV, str(root))
+    return root
+
+
+def test_finds_data_folder_first(kaggle_dir, kaggle_input):
+    shutil.copytree(kaggle_dir, kaggle_input / "digit-recognizer")
+    assert find_data() == os.path.join("data", "")  # kaggle_dir is data/ in the current folder
+    assert find_data(names=("test.csv",)) == os.path.join("data", "")
+
+
+def test_finds_the_zip_the_kaggle_cli_leaves_in_data(kaggle_dir, kaggle_input):
+    with zipfile.ZipFile(kaggle_dir / "digit-recognizer.zip", "w") as archive:
+        for name in ("train.csv", "test.csv"):
+            archive.write(kaggle_dir / name, name)
+            (kaggle_dir / name).unlink()
+    assert find_data() == os.path.join("data", "digit-recognizer.zip")
+
+
+def test_finds_kaggle_notebook_input(kaggle_dir, kaggle_input):
+    shutil.move(kaggle_dir, kaggle_input / "digit-recognizer")
+    (kaggle_input / "digit-recognizer" / "sample_submission.csv").write_text("ImageId,Label\n1,0\n")
+    found = find_data()
+    assert found == os.path.join(kaggle_input, "digit-recognizer", "")
+    assert len(load_train(found)[0]) == 600
+
+
+def test_kaggle_root_argument_overrides_the_environment(kaggle_dir, tmp_path, kaggle_input):
+    shutil.move(kaggle_dir, tmp_path / "notebook" / "digit-recognizer")
+    assert find_data(kaggle_root=str(tmp_path / "notebook")) == os.path.join(tmp_path, "notebook", "digit-recognizer", "")
+    with pytest.raises(DataError, match="found no train.csv or test.csv in"):
+        find_data()
+
+
+def test_no_data_anywhere_says_where_it_looked_and_both_ways_to_get_it(kaggle_input):
+    with pytest.raises(DataError) as error:
+        find_data()
+    message = str(error.value)
+    looked = ", ".join([os.path.join("data", ""), os.path.join("data", "digit-recognizer.zip"),
+                        os.path.join(kaggle_input, "digit-recognizer", "")])
+    assert message.startswith(f"found no train.csv or test.csv in {looked}; ")
+    assert "kaggle competitions download -c digit-recognizer -p data" in message
+    assert "in a Kaggle Notebook with Add data -> Digit Recognizer competition" in message
+
+
+def test_given_path_that_does_not_exist_gives_both_ways_to_get_the_data(tmp_path):
+    with pytest.raises(DataError) as error:
+        find_data(str(tmp_path / "nowhere"))
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'nowhere'}: no such file or folder")
+    assert "kaggle competitions download" in message and "Add data -> Digit Recognizer" in message
+
+
+@pytest.mark.parametrize("missing", ["train.csv", "test.csv"])
+def test_given_folder_or_zip_without_a_file_names_it(kaggle_dir, tmp_path, missing):
+    path = tmp_path / "digit-recognizer.zip"
+    present = ({"train.csv", "test.csv"} - {missing}).pop()
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.write(kaggle_dir / present, present)
+    with pytest.raises(DataError, match=f"zip has no {missing}"):
+        find_data(str(path))
+    (kaggle_dir / missing).unlink()
+    with pytest.raises(DataError, match=f"^{kaggle_dir}: folder has no {missing}"):
+        find_data(str(kaggle_dir))
+
+
+def test_one_csv_cannot_be_both_training_and_test_set(kaggle_dir):
+    train_csv = str(kaggle_dir / "train.csv")
+    with pytest.raises(DataError, match=f"^{train_csv}: one CSV file cannot be both train.csv and test.csv .*"
+                                        f"pass the folder or the Kaggle zip"):
+        find_data(train_csv)
+    assert find_data(train_csv, names=("train.csv",)) == train_csv  # inference --report takes one labelled file
+    assert find_data(str(kaggle_dir)) == str(kaggle_dir)
+
+
+# ----------------------------------------------------------------------------- the training set
+
+def test_too_few_rows_for_a_validation_split_is_an_error(kaggle_dir):
+    labels = make_digits(5)[1]
+    with pytest.raises(DataError, match=rf"^{kaggle_dir / 'train.csv'}: 5 training rows leave no validation images "
+                                        r"\(10% of each digit\); a digit needs 2\+ rows to be in both sets"):
+        check_training_set(str(kaggle_dir), labels, 0.1, log=pytest.fail)  # the error alone, no warning first
+    assert len(stratified_split(labels, 0.1, seed=0)[1]) == 0  # what the check prevents
+    check_training_set(str(kaggle_dir), labels, 0, log=lambda line: None)  # no split, no problem
+    check_training_set(str(kaggle_dir), make_digits(20)[1], 0.1, log=lambda line: None)
+    assert len(stratified_split(make_digits(20)[1], 0.1, seed=0)[1]) == 10  # one of each digit's 2 rows
+
+
+def test_missing_digits_are_one_warning_line(kaggle_dir):
+    labels = make_digits(200)[1]
+    lines = []
+    check_training_set(str(kaggle_dir), labels[labels != 3], 0.1, log=lines.append)
+    check_training_set(str(kaggle_dir), labels[(labels != 3) & (labels != 7)], 0.1, log=lines.append)
+    train_csv = kaggle_dir / "train.csv"
+    assert lines == [f"warning: {train_csv}: no training images of digit 3; the model will never predict it",
+                     f"warning: {train_csv}: no training images of digits 3, 7; the model will never predict them"]
+    check_training_set(str(kaggle_dir), labels, 0.1, log=lines.append)
+    assert len(lines) == 2
