@@ -166,7 +166,8 @@ def parse_args(argv):
                         help="parity-check onnxruntime against torch on N images; 0 = no check (default: 1000)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest allowed probability difference in the check (default: 1e-4)")
-    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset version (default: {OPSET})")
+    parser.add_argument("--opset", type=int, default=OPSET, choices=range(13, 24), metavar="13-23",
+                        help=f"ONNX opset version; the exporter here writes 13 to 23 (default: {OPSET})")
     args = parser.parse_args(argv)
     if args.check < 0 or args.tolerance <= 0:
         parser.error("--check must be at least 0 and --tolerance above 0")
