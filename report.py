@@ -195,6 +195,7 @@ def plot_confusion_matrix(matrix, path, name="validation"):
     diagonal; each non-empty cell also shows its share and its count.
     """
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import FuncFormatter
     classes, total = len(matrix), int(matrix.sum())
     accuracy = int(matrix.diagonal().sum()) / max(total, 1)
     counts = matrix.numpy()
@@ -204,10 +205,11 @@ def plot_confusion_matrix(matrix, path, name="validation"):
     floor = 1e-3
     image = ax.imshow(np.where(counts > 0, np.maximum(shares, floor), np.nan), cmap="viridis",
                       norm=LogNorm(vmin=floor, vmax=1))  # NaN (no images): white
-    figure.colorbar(image, ax=ax, label="share of the true digit's images (log scale)")
+    figure.colorbar(image, ax=ax, label="share of the true digit's images (log scale)",
+                    format=FuncFormatter(lambda value, _: f"{value:.1%}" if value < 0.01 else f"{value:.0%}"))
     for true, predicted in zip(*np.nonzero(counts)):
-        share = shares[true, predicted]
-        ax.text(predicted, true, f"{_percent(share)}\n{counts[true, predicted]}", ha="center", va="center",
+        share = shares[true, predicted]  # one decimal: 415 of 416 reads 99.8%, not 100%
+        ax.text(predicted, true, f"{share:.1%}\n{counts[true, predicted]}", ha="center", va="center",
                 fontsize=7, color="black" if share > 0.3 else "white")
     ax.set_xticks(range(classes))
     ax.set_yticks(range(classes))
@@ -228,14 +230,15 @@ def plot_per_class_accuracy(rows, path, name="validation"):
     overall = correct / max(images, 1)
     bars = ax.bar(digits, accuracies, color=["C3" if a < overall else "C0" for a in accuracies])
     ax.bar_label(bars, [f"{a:.3f}\n{e} wrong" for a, e in zip(accuracies, errors)], fontsize=8)
-    ax.axhline(overall, color="0.3", ls="--", lw=1, label=f"all digits {overall:.4f}")
+    ax.axhline(overall, color="0.3", ls="--", lw=1)
     low = min(accuracies + [overall])
     ax.set_ylim(max(0.0, low - (1 - low) * 0.6 - 0.002), 1.0 + (1 - low) * 0.35 + 0.001)  # room for the labels
+    ax.set_yticks([tick for tick in ax.get_yticks() if tick <= 1])
     ax.set_xticks(digits)
     ax.set_xlabel("true digit")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"per-class accuracy on {images:,} {name} images (red: below overall)")
-    ax.legend(loc="lower right")
+    ax.set_title(f"per-class accuracy on {images:,} {name} images; dashed: all digits {overall:.4f}, "
+                 f"red: below it", fontsize=10)
     return _save(figure, path)
 
 
@@ -285,15 +288,15 @@ def plot_test_predictions(test_probabilities, labels, path, name="validation"):
     ax = figure.subplots()
     shares = (predicted / max(int(predicted.sum()), 1)).tolist()
     bars = ax.bar(range(classes), shares, color="C0", label=f"test: predicted digit ({int(predicted.sum()):,} images)")
-    ax.bar_label(bars, [f"{n:,}" for n in predicted.tolist()], fontsize=8)
+    ax.bar_label(bars, [f"{n:,}" for n in predicted.tolist()], label_type="center", color="white", fontsize=8)
     ax.plot(range(classes), (true / max(int(true.sum()), 1)).tolist(), "D", color="C1",
             label=f"{name}: true digit ({int(true.sum()):,} images)")
-    ax.set_ylim(0, max(shares + [0.1]) * 1.18)
+    ax.set_ylim(0, max(shares + [0.1]) * 1.3)  # room for the legend
     ax.set_xticks(range(classes))
     ax.set_xlabel("digit")
     ax.set_ylabel("share of images")
     ax.set_title("test set: predicted-class distribution")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", ncols=2)
     return _save(figure, path)
 
 
@@ -356,10 +359,8 @@ figcaption { color: #555; font-size: 0.9em; } .missing { color: #b00; font-weigh
 
 
 def _html_value(value):
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else (f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}" if abs(value) >= 10000 else str(value)
+    if isinstance(value, float):  # integers as they are: a line number must read as in the file
+        return "nan" if math.isnan(value) else (f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}")
     if isinstance(value, (list, tuple)):
         return " ".join(map(str, value))
     return str(value)
@@ -390,7 +391,10 @@ def _link(file_name):
 def render_index_html(title, summary, recipe, sections, files):
     """The page: headline figures and recipe side by side, then each (heading, [html parts]) section."""
     parts = [f"<h1>{html.escape(title)}</h1>", '<div class="tables">',
-             _key_value_table(summary, "figures"), _key_value_table(recipe, "recipe") if recipe else "", "</div>"]
+             _key_value_table(summary, "figures"),
+             # settings as given: 0.1, not 0.1000
+             _key_value_table({k: f"{v:g}" if isinstance(v, float) else v for k, v in recipe.items()}, "recipe")
+             if recipe else "", "</div>"]
     for heading, content in sections:
         parts += [f"<h2>{html.escape(heading)}</h2>", *content]
     parts += ["<h2>files</h2><p>" + " · ".join(_link(f) for f in files) + "</p>"]

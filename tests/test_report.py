@@ -110,7 +110,7 @@ def test_history_csv_one_row_per_epoch_across_resume(tmp_path, split, capsys):
 # ----------------------------------------------------------------------------- report
 
 MISTAKES = {5: 0.8, 30: 0.7, 12: 0.6}  # validation index -> confidence of its wrong prediction
-RECIPE = {"preset": "fast", "widths": (16, 32, 128), "data": "<script>alert(1)</script>"}  # text to escape
+RECIPE = {"preset": "fast", "lr": 0.1, "widths": (16, 32, 128), "data": "<script>alert(1)</script>"}  # to escape
 
 
 def _probabilities_with_mistakes(labels):
@@ -134,7 +134,7 @@ def full_report(tmp_path_factory):
     folder, lines = tmp_path_factory.mktemp("report"), []
     paths = report.write_report(folder, val_set, _probabilities_with_mistakes(val_set.labels), history=_history(),
                                 augment_config=AugmentConfig(), train_set=train_set, log=lines.append,
-                                line_numbers=torch.arange(100, 140) + 2, test_images=test_images,
+                                line_numbers=torch.arange(30000, 30040) + 2, test_images=test_images,
                                 test_probabilities=test_probabilities, recipe=RECIPE,
                                 summary={"wall time (s)": 61.0})
     return {"folder": folder, "paths": paths, "lines": lines, "val_set": val_set,
@@ -164,7 +164,7 @@ def test_mistakes_csv_names_train_csv_lines_and_runner_up(full_report):
     labels = full_report["val_set"].labels
     assert list(mistakes.columns) == report.MISTAKE_COLUMNS
     assert mistakes["index"].tolist() == [5, 30, 12]  # most confidently wrong first
-    assert mistakes["line"].tolist() == [107, 132, 114]  # validation image i is train.csv line 100 + i + 2
+    assert mistakes["line"].tolist() == [30007, 30032, 30014]  # as if validation image i were train.csv row 30000 + i
     assert mistakes["label"].tolist() == labels[[5, 30, 12]].tolist()
     assert mistakes["predicted"].tolist() == ((labels[[5, 30, 12]] + 1) % 10).tolist()
     np.testing.assert_allclose(mistakes["predicted_probability"], [0.8, 0.7, 0.6], atol=1e-6)
@@ -191,10 +191,11 @@ def test_index_html_shows_every_picture_and_table_escaped(full_report):
                                                                             "least_confident_test.png"})
     assert str(folder) not in page  # relative links: the folder can be moved or zipped
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "<td>widths</td><td>16 32 128</td>" in page and "<td>wall time (s)</td><td>61.0</td>" in page
+    assert "<td>widths</td><td>16 32 128</td>" in page and "<td>lr</td><td>0.1</td>" in page
+    assert "<td>wall time (s)</td><td>61.0</td>" in page
     assert "<td>validation accuracy</td><td>0.9250</td>" in page  # 3 mistakes in 40
-    for line in (107, 132, 114):
-        assert f"<td>{line}</td>" in page  # the mistakes table
+    for line in (30007, 30032, 30014):
+        assert f"<td>{line}</td>" in page  # the mistakes table: line numbers as in the file, no "30,007"
     assert page.count("<tr><td>") >= 10 + 3 + report.HTML_ROWS + 3  # per-class, mistakes, test, history rows
     for name in paths:
         assert f'<a href="{name}">' in page or name == "index.html"
