@@ -13,11 +13,12 @@ over the members for several checkpoints. The batch axis is dynamic. Each model 
 exported in eval mode with its BatchNorms folded into the convolutions, as inference.py
 runs it. Before the file is written, onnxruntime's probabilities on --check images are
 compared with torch's; a difference above --tolerance, or a differing label, writes
-nothing and exits 1. Apply it, e.g.:
+nothing and exits 1. Use it without torch, e.g. on test.csv rows `pixels` (N, 784) uint8:
 
-    import onnxruntime, numpy as np
+    import numpy as np, onnxruntime
     session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
     probabilities = session.run(None, {"images": pixels.reshape(-1, 1, 28, 28).astype(np.float32) / 255})[0]
+    labels = probabilities.argmax(1)
 """
 
 import importlib
