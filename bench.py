@@ -22,6 +22,7 @@ import torch.nn as nn
 from DigitRecognizerModel import build_model, count_parameters
 from cli import ArgumentParser, UserError, choose_device, exit_code_of_user_error
 from dataloader import DigitDataset, load_test, load_train, stratified_split
+from export import onnxruntime_images_per_s
 from files import atomic_write_text
 from inference import load_models, predict_file, predict_probs
 from recipe import VAL_FRACTION, preset
@@ -145,6 +146,7 @@ def run(args):
         predict_probs(models, test_images, device)
         results["predict_test_s"] = time.perf_counter() - started
         results["inference_images_per_s"] = len(predictions) / results["predict_test_s"]
+        results["onnxruntime_images_per_s"] = onnxruntime_images_per_s(models, test_images)  # None: not installed
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
 
@@ -166,6 +168,8 @@ def print_table(r):
         ("time to val acc 0.995 (training)", f"{r['seconds_to_0.995']} s"),
         (f"best val acc ({r['epochs']} epochs)", f"{r['best_val_accuracy']:.4f}"),
         ("predict 28k test images", f"{r['predict_test_s']:.2f} s ({r['inference_images_per_s']:,.0f} img/s)"),
+        ("predict 28k, onnxruntime (export.py)", "not installed (pip install -r requirements-export.txt)"
+         if r["onnxruntime_images_per_s"] is None else f"{r['onnxruntime_images_per_s']:,.0f} img/s"),
         ("read + predict test file", f"{r['read_and_predict_test_s']:.2f} s"),
         ("peak RSS", f"{r['peak_rss_mb']:.0f} MB"),
     ]

@@ -102,6 +102,11 @@ def add_setting_flags(parser, config, preset_notes=None):
         parser.add_argument(flag_name(field), **kwargs)
 
 
+def flatten_settings(config):
+    """{setting name: value} of every setting in the dataclass tree `config`."""
+    return {field.name: getattr(owner, field.name) for owner, field in setting_fields(config)}
+
+
 def replace_settings(config, values):
     """A copy of the dataclass tree `config` with the settings named in `values` replaced."""
     changes = {}

@@ -314,25 +314,31 @@ def load_test(path, log=print):
 # ----------------------------------------------------------------------------- dataset
 
 class DigitDataset:
-    """Images (N, 1, 28, 28) uint8 and labels (N,) int64, held as whole tensors.
-
-    The training loop slices `images[idx]` for a batch of indices.
+    """Images (N, 1, 28, 28) uint8, labels (N,) int64 and each image's row in its CSV (N,),
+    held as whole tensors. The training loop slices `images[idx]` for a batch of indices;
+    `rows` follows every subset, so a report can name an image's line in train.csv.
     """
 
-    def __init__(self, images, labels):
+    def __init__(self, images, labels, rows=None):
         if labels is not None and len(labels) != len(images):
             raise ValueError("images and labels differ in length")
         self.images = images
         self.labels = labels
+        self.rows = torch.arange(len(images)) if rows is None else rows
 
     def __len__(self):
         return len(self.images)
 
     def subset(self, indices):
-        return DigitDataset(self.images[indices], self.labels[indices])
+        return DigitDataset(self.images[indices], self.labels[indices], self.rows[indices])
 
     def to(self, device):
-        return DigitDataset(self.images.to(device), self.labels.to(device))
+        return DigitDataset(self.images.to(device), self.labels.to(device), self.rows)
+
+    @property
+    def line_numbers(self):
+        """Each image's line in its CSV file: line 1 is the header."""
+        return self.rows + 2
 
 
 def stratified_split(labels, val_fraction, seed):

@@ -112,7 +112,7 @@ def write_probability_rows(f, probs, first_image_id=1):
                  for i, row in enumerate(probs.tolist(), start=first_image_id))
 
 
-def report_file(models, input_path, report_dir, device, tta=False, log=print):
+def report_file(models, input_path, report_dir, device, tta=False, checkpoints=(), log=print):
     """Score a labelled CSV and write the report into `report_dir`; returns (probabilities, paths)."""
     try:
         images, labels = load_digit_csv(input_path, "train.csv", labelled=True, log=log)
@@ -120,7 +120,9 @@ def report_file(models, input_path, report_dir, device, tta=False, log=print):
         raise DataError(f"--report needs labelled input: {e}") from None
     probs = predict_probs(models, images, device, tta)
     name = os.path.basename(os.path.normpath(input_path))
-    return probs, write_report(report_dir, DigitDataset(images, labels), probs, name=name, log=log)
+    dataset = DigitDataset(images, labels)
+    return probs, write_report(report_dir, dataset, probs, name=name, log=log, line_numbers=dataset.line_numbers,
+                               recipe={"checkpoints": " ".join(checkpoints), "input": input_path, "tta": tta})
 
 
 def write_submission(path, predictions):
@@ -186,7 +188,8 @@ def run(args, log=print):
     models = load_models(args.checkpoint, device)
     with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:
         if args.report is not None:
-            probs, _ = report_file(models, args.input, args.report, device, tta=args.tta, log=log)
+            probs, _ = report_file(models, args.input, args.report, device, tta=args.tta,
+                                   checkpoints=args.checkpoint, log=log)
             if probs_file is not None:
                 write_probability_rows(probs_file, probs)
             return len(probs)

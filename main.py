@@ -32,7 +32,7 @@ import torch
 
 from DigitRecognizerModel import build_model
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, exit_code_of_user_error,
-                 settings_from_flags, sigterm_as_interrupt)
+                 flatten_settings, settings_from_flags, sigterm_as_interrupt)
 from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train, stratified_split
 from files import check_outputs, folder_lock
 from inference import csv_files, load_models, predict_probs, write_submission
@@ -144,8 +144,8 @@ def train_members(options, recipe, train_set, val_set, device, log):
 
 
 def submit(options, recipe, checkpoints, val_set, test_images, device, log):
-    """Write the submission from the members' best.pt; returns the validation accuracy of
-    the submitted predictor (ensemble, TTA) and its validation probabilities."""
+    """Write the submission from the members' best.pt; returns the validation accuracy of the
+    submitted predictor (ensemble, TTA) and its validation and test probabilities."""
     models = load_models(checkpoints, device)
     tta = recipe.ensemble.tta
     val_probs = predict_probs(models, val_set.images, device, tta=tta)  # (0, 10) under --full-train
@@ -154,8 +154,25 @@ def submit(options, recipe, checkpoints, val_set, test_images, device, log):
         val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item()
         log(f"validation accuracy of the submitted predictor ({len(models)} model(s){', TTA' if tta else ''}): "
             f"{val_accuracy:.4f}")
-    write_submission(options.submission, predict_probs(models, test_images, device, tta=tta).argmax(1))
-    return val_accuracy, val_probs
+    test_probs = predict_probs(models, test_images, device, tta=tta)
+    write_submission(options.submission, test_probs.argmax(1))
+    return val_accuracy, val_probs, test_probs
+
+
+def write_run_report(options, recipe, histories, sets, probabilities, seconds, log):
+    """reports/ for the submitted predictor: validation errors, test-set confidence, the recipe."""
+    train_set, val_set, test_images = sets
+    val_probs, test_probs = probabilities
+    if not len(val_set):
+        log(f"no report in {options.report}: --full-train leaves no validation images to report on")
+        return
+    settings = {"preset": options.preset, "seed": options.seed, "data": options.data,
+                **{key: ", ".join(map(str, v)) if isinstance(v, tuple) else v
+                   for key, v in flatten_settings(recipe).items()}}
+    write_report(options.report, val_set, val_probs, history=histories[-1], augment_config=recipe.augment,
+                 train_set=train_set, log=log, line_numbers=val_set.line_numbers, test_images=test_images,
+                 test_probabilities=test_probs, recipe=settings,
+                 summary={"models": len(histories), "seconds to train and predict": round(seconds)})
 
 
 def train_and_submit(options, recipe, device, log=print):
@@ -182,12 +199,10 @@ def train_and_submit(options, recipe, device, log=print):
         histories, checkpoints = train_members(options, recipe, train_set, val_set, device, log)
         val_accuracy = float("nan")
         if rank == 0:  # every rank ends with the same weights; one writes
-            val_accuracy, val_probs = submit(options, recipe, checkpoints, val_set, test_images, device, log)
-            if options.report and len(val_set):
-                write_report(options.report, val_set, val_probs, history=histories[-1],
-                             augment_config=recipe.augment, train_set=train_set, log=log)
-            elif options.report:
-                log(f"no report in {options.report}: --full-train leaves no validation images to report on")
+            val_accuracy, *probabilities = submit(options, recipe, checkpoints, val_set, test_images, device, log)
+            if options.report:
+                write_run_report(options, recipe, histories, (train_set, val_set, test_images), probabilities,
+                                 time.perf_counter() - started, log)
     seconds = time.perf_counter() - started
     log(f"wrote {options.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
     return {"histories": histories, "val_accuracy": val_accuracy, "checkpoints": checkpoints,

@@ -1,13 +1,17 @@
-"""What a Kaggler looks at after training: curves, confusion matrix, worst errors, augmentation.
+"""Error analysis after training: curves, confusion matrix, mistakes, the test set, one HTML page.
 
 `write_report` turns a labelled dataset and a model's class probabilities on it into a
-folder of PNGs plus `per_class_accuracy.csv`, and logs the per-class table. main.py calls
-it for best.pt on the validation split; inference.py for any checkpoint(s) on a labelled
-CSV. Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot state,
-no display needed), rendered to memory and written atomically. matplotlib is imported
-only here, inside the drawing functions, so the suite trains and predicts without it.
+folder of PNGs and CSVs (per-class accuracy, every mistake with its train.csv line, the
+least confident test images) plus `index.html`, which shows all of them on one page with
+the run's recipe and headline figures. main.py calls it for the submitted predictor on
+the validation split; inference.py for any checkpoint(s) on a labelled CSV. Figures are
+drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display
+needed), rendered to memory and written atomically. matplotlib is imported only here,
+inside the drawing functions, so the suite trains and predicts without it; the CSVs and
+index.html are written either way.
 """
 
+import html
 import io
 import math
 import os
@@ -19,14 +23,20 @@ from dataloader import AugmentConfig, DigitDataset, augment
 from files import atomic_write_bytes, atomic_write_text
 
 PER_CLASS_COLUMNS = ["digit", "images", "correct", "accuracy", "most_confused_with", "confused_count"]
-SKIPPED_NO_MATPLOTLIB = "report skipped: matplotlib is not installed (pip install -r requirements.txt)"
-WORST_ERRORS = 24  # cells in the worst-errors grid
+MISTAKE_COLUMNS = ["line", "index", "label", "predicted", "predicted_probability", "label_probability",
+                   "runner_up", "runner_up_probability"]
+UNSURE_COLUMNS = ["ImageId", "predicted", "probability", "runner_up", "runner_up_probability"]
+SKIPPED_NO_MATPLOTLIB = ("report figures skipped: matplotlib is not installed (pip install -r requirements.txt); "
+                         "the CSVs and index.html are written")
+GRID_CELLS = 24  # images in the mistakes and least-confident grids
+HTML_ROWS = 50  # rows of a long table shown in index.html; the CSV has them all
 AUGMENTED_VIEWS = 4  # augmented versions drawn under each original
 DPI = 100
 
 
-REPORT_FILES = ["per_class_accuracy.csv", "learning_curves.png", "confusion_matrix.png", "worst_errors.png",
-                "augmentation.png"]
+REPORT_FILES = ["index.html", "per_class_accuracy.csv", "per_class_accuracy.png", "mistakes.csv", "mistakes.png",
+                "confusion_matrix.png", "learning_curves.png", "augmentation.png", "test_predictions.png",
+                "least_confident_test.csv", "least_confident_test.png"]
 
 
 def report_files(report_dir):
@@ -72,11 +82,48 @@ def format_per_class(rows):
     return "\n".join(lines)
 
 
-def write_per_class_csv(path, rows):
-    lines = [",".join(PER_CLASS_COLUMNS)]
-    lines += [",".join(f"{r[c]:.6f}" if c == "accuracy" else str(r[c]) for c in PER_CLASS_COLUMNS) for r in rows]
+def _top_two(probabilities):
+    """(p1, class1, p2, class2) as lists: the most and second most probable class of each row."""
+    values, classes = probabilities.topk(2, dim=1)
+    return values[:, 0].tolist(), classes[:, 0].tolist(), values[:, 1].tolist(), classes[:, 1].tolist()
+
+
+def mistake_rows(labels, probabilities, line_numbers=None):
+    """Every misclassified image (MISTAKE_COLUMNS), the most confidently wrong first.
+
+    `line` is the image's line in its CSV (blank when `line_numbers` is not given),
+    `index` its position in the reported dataset; the runner-up is the second choice.
+    """
+    p1, c1, p2, c2 = _top_two(probabilities)
+    wrong = torch.nonzero(probabilities.argmax(1) != labels).flatten()
+    wrong = wrong[probabilities[wrong].max(1).values.argsort(descending=True, stable=True)].tolist()
+    lines = torch.as_tensor(line_numbers).tolist() if line_numbers is not None else None
+    labels = labels.tolist()
+    return [{"line": lines[i] if lines else "", "index": i, "label": labels[i], "predicted": c1[i],
+             "predicted_probability": p1[i], "label_probability": probabilities[i, labels[i]].item(),
+             "runner_up": c2[i], "runner_up_probability": p2[i]} for i in wrong]
+
+
+def least_confident_rows(probabilities, count):
+    """The `count` test images with the lowest top probability (UNSURE_COLUMNS), least sure first."""
+    p1, c1, p2, c2 = _top_two(probabilities)
+    order = probabilities.max(1).values.argsort(stable=True)[:count].tolist()
+    return [{"ImageId": i + 1, "predicted": c1[i], "probability": p1[i], "runner_up": c2[i],
+             "runner_up_probability": p2[i]} for i in order]  # ImageId: the submission's, from 1
+
+
+def _csv_value(value):
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+def write_csv_rows(path, columns, rows):
+    lines = [",".join(columns)] + [",".join(_csv_value(row[c]) for c in columns) for row in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def write_per_class_csv(path, rows):
+    return write_csv_rows(path, PER_CLASS_COLUMNS, rows)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -106,19 +153,31 @@ def _show_digit(ax, image, title=None, fontsize=9):
         ax.set_title(title, fontsize=fontsize)
 
 
+def _percent(p):
+    """A probability as a short percentage that never rounds a small one to 0%."""
+    return f"{p:.0%}" if p >= 0.01 else (f"{p:.1%}" if p >= 0.001 else "<0.1%")
+
+
 def plot_learning_curves(history, path):
-    """Loss and accuracy per epoch, train and validation, from the trainer's history rows."""
+    """Loss, accuracy and learning rate per epoch, from the trainer's history rows."""
     from matplotlib.ticker import MaxNLocator
-    figure = _new_figure(11, 4.2)
-    loss_ax, accuracy_ax = figure.subplots(1, 2)
+    figure = _new_figure(15, 4.2)
+    loss_ax, accuracy_ax, lr_ax = figure.subplots(1, 3)
     epochs = [row["epoch"] for row in history]
-    for ax, metric, ylabel in ((loss_ax, "loss", "cross-entropy loss"), (accuracy_ax, "accuracy", "accuracy")):
-        # Train numbers are on augmented batches (and the loss label-smoothed): compare shapes, not levels.
-        ax.plot(epochs, [row[f"train_{metric}"] for row in history], "o-", ms=3, label="train (augmented batches)")
+    # Train numbers are on augmented batches and the train loss is label-smoothed (its floor
+    # is above 0): compare shapes, not levels.
+    for ax, metric, ylabel, train_label in (
+            (loss_ax, "loss", "cross-entropy loss", "train (label-smoothed, augmented batches)"),
+            (accuracy_ax, "accuracy", "accuracy", "train (augmented batches)")):
+        ax.plot(epochs, [row[f"train_{metric}"] for row in history], "o-", ms=3, label=train_label)
         ax.plot(epochs, [row[f"val_{metric}"] for row in history], "o-", ms=3, label="validation")
-        ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{metric} per epoch")
+    lr_ax.plot(epochs, [row["lr"] for row in history], "o-", ms=3, color="C2")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_title("learning rate at the end of each epoch")
+    for ax in (loss_ax, accuracy_ax, lr_ax):
+        ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     validated = [row for row in history if not math.isnan(row["val_accuracy"])]
@@ -132,51 +191,114 @@ def plot_learning_curves(history, path):
 
 
 def plot_confusion_matrix(matrix, path, name="validation"):
-    """Counts annotated in every cell: correct ones (the diagonal) in blue, mistakes in red.
+    """Row-normalised: each cell is the share of a true digit's images given that prediction.
 
-    Each part gets its own colour scale, so a handful of errors stands out next to
-    hundreds of correct images; no colour bar, the counts are written in the cells.
+    The colour scale is logarithmic, so a 0.2% confusion is visible next to 99% on the
+    diagonal; each non-empty cell also shows its share and its count.
     """
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import FuncFormatter
     classes, total = len(matrix), int(matrix.sum())
     accuracy = int(matrix.diagonal().sum()) / max(total, 1)
     counts = matrix.numpy()
-    diagonal = np.eye(classes, dtype=bool)
-    figure = _new_figure(6.8, 6.5)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    figure = _new_figure(7.6, 6.5)
     ax = figure.subplots()
-    for part, colours in ((diagonal, "Blues"), (~diagonal, "Reds")):
-        scale = max(counts[part].max(), 1)
-        ax.imshow(np.where(part & (counts > 0), counts, np.nan), cmap=colours, vmin=0, vmax=scale)  # NaN: white
-        for true, predicted in zip(*np.nonzero(part)):
-            count = counts[true, predicted]
-            ax.text(predicted, true, str(count), ha="center", va="center", fontsize=9,
-                    color="white" if count > 0.6 * scale else ("black" if count else "0.75"))
+    floor = 1e-3
+    image = ax.imshow(np.where(counts > 0, np.maximum(shares, floor), np.nan), cmap="viridis",
+                      norm=LogNorm(vmin=floor, vmax=1))  # NaN (no images): white
+    figure.colorbar(image, ax=ax, label="share of the true digit's images (log scale)",
+                    format=FuncFormatter(lambda value, _: f"{value:.1%}" if value < 0.01 else f"{value:.0%}"))
+    for true, predicted in zip(*np.nonzero(counts)):
+        share = shares[true, predicted]  # one decimal: 415 of 416 reads 99.8%, not 100%
+        ax.text(predicted, true, f"{share:.1%}\n{counts[true, predicted]}", ha="center", va="center",
+                fontsize=7, color="black" if share > 0.3 else "white")
     ax.set_xticks(range(classes))
     ax.set_yticks(range(classes))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{name} confusion matrix: {total:,} images, accuracy {accuracy:.4f}")
+    ax.set_title(f"{name} confusion matrix, row-normalised: {total:,} images, accuracy {accuracy:.4f}", fontsize=10)
     return _save(figure, path)
 
 
-def plot_worst_errors(images, labels, probabilities, path, count=WORST_ERRORS, name="validation"):
-    """The misclassified images the model was most confident about, most confident first."""
-    confidences, predictions = probabilities.max(1)
-    wrong = torch.nonzero(predictions != labels).flatten()
-    worst = wrong[confidences[wrong].argsort(descending=True)][:count]
-    confidences, predictions, labels = confidences.tolist(), predictions.tolist(), labels.tolist()
-    columns = 6
-    rows = max(1, -(-len(worst) // columns))
-    figure = _new_figure(columns * 1.7, rows * 1.95 + 0.4)
+def plot_per_class_accuracy(rows, path, name="validation"):
+    """Accuracy of each true digit, zoomed to the range the digits span, with the overall line."""
+    figure = _new_figure(8, 4.2)
+    ax = figure.subplots()
+    digits = [r["digit"] for r in rows]
+    accuracies = [r["accuracy"] if r["images"] else 0.0 for r in rows]
+    errors = [r["images"] - r["correct"] for r in rows]
+    images, correct = sum(r["images"] for r in rows), sum(r["correct"] for r in rows)
+    overall = correct / max(images, 1)
+    bars = ax.bar(digits, accuracies, color=["C3" if a < overall else "C0" for a in accuracies])
+    ax.bar_label(bars, [f"{a:.3f}\n{e} wrong" for a, e in zip(accuracies, errors)], fontsize=8)
+    ax.axhline(overall, color="0.3", ls="--", lw=1)
+    low = min(accuracies + [overall])
+    ax.set_ylim(max(0.0, low - (1 - low) * 0.6 - 0.002), 1.0 + (1 - low) * 0.35 + 0.001)  # room for the labels
+    ax.set_yticks([tick for tick in ax.get_yticks() if tick <= 1])
+    ax.set_xticks(digits)
+    ax.set_xlabel("true digit")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"per-class accuracy on {images:,} {name} images; dashed: all digits {overall:.4f}, "
+                 f"red: below it", fontsize=10)
+    return _save(figure, path)
+
+
+def _digit_grid(images, titles, path, title, empty_text, columns=6):
+    """A grid of digits with a title over each; `empty_text` when there are none."""
+    rows = max(1, -(-len(titles) // columns))
+    figure = _new_figure(columns * 1.85, rows * 2.2 + 0.4)
     axes = figure.subplots(rows, columns, squeeze=False).flatten()
-    for ax, index in zip(axes, worst.tolist()):
-        _show_digit(ax, images[index], f"true {labels[index]}  pred {predictions[index]}\n"
-                                       f"confidence {confidences[index]:.0%}")
-    for ax in axes[len(worst):]:
+    for ax, image, cell_title in zip(axes, images, titles):
+        _show_digit(ax, image, cell_title, fontsize=8)
+    for ax in axes[len(titles):]:
         ax.axis("off")
-    if len(worst) == 0:
-        axes[0].text(0, 0.5, f"no misclassified {name} images", fontsize=12)
-    figure.suptitle(f"most confident mistakes: {len(worst)} of {len(wrong):,} errors on "
-                    f"{len(labels):,} {name} images")
+    if not titles:
+        axes[0].text(0, 0.5, empty_text, fontsize=12)
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+def plot_mistakes(images, mistakes, total, path, name="validation"):
+    """The most confidently wrong images: CSV line, true digit's probability, prediction, runner-up."""
+    shown = mistakes[:GRID_CELLS]
+    titles = [(f"line {m['line']}" if m["line"] != "" else f"#{m['index']}") +
+              f"  true {m['label']}: {_percent(m['label_probability'])}\n"
+              f"pred {m['predicted']}: {_percent(m['predicted_probability'])}, "
+              f"2nd {m['runner_up']}: {_percent(m['runner_up_probability'])}" for m in shown]
+    return _digit_grid([images[m["index"]] for m in shown], titles, path,
+                       f"most confident mistakes: {len(shown)} of {len(mistakes):,} errors on {total:,} {name} "
+                       f"images (all in mistakes.csv)", f"no misclassified {name} images")
+
+
+def plot_least_confident(images, unsure, path):
+    """The test images the model is least sure about: ImageId, top choice and runner-up."""
+    shown = unsure[:GRID_CELLS]
+    titles = [f"ImageId {u['ImageId']}\n{u['predicted']}: {_percent(u['probability'])}, "
+              f"{u['runner_up']}: {_percent(u['runner_up_probability'])}" for u in shown]
+    return _digit_grid([images[u["ImageId"] - 1] for u in shown], titles, path,
+                       f"least confident test images: top choice and runner-up ({len(images):,} images)",
+                       "no test images")
+
+
+def plot_test_predictions(test_probabilities, labels, path, name="validation"):
+    """How the test set's predictions spread over the digits, beside the labelled set's true shares."""
+    classes = test_probabilities.shape[1]
+    predicted = torch.bincount(test_probabilities.argmax(1), minlength=classes)
+    true = torch.bincount(labels, minlength=classes)
+    figure = _new_figure(8, 4.2)
+    ax = figure.subplots()
+    shares = (predicted / max(int(predicted.sum()), 1)).tolist()
+    bars = ax.bar(range(classes), shares, color="C0", label=f"test: predicted digit ({int(predicted.sum()):,} images)")
+    ax.bar_label(bars, [f"{n:,}" for n in predicted.tolist()], label_type="center", color="white", fontsize=8)
+    ax.plot(range(classes), (true / max(int(true.sum()), 1)).tolist(), "D", color="C1",
+            label=f"{name}: true digit ({int(true.sum()):,} images)")
+    ax.set_ylim(0, max(shares + [0.1]) * 1.3)  # room for the legend
+    ax.set_xticks(range(classes))
+    ax.set_xlabel("digit")
+    ax.set_ylabel("share of images")
+    ax.set_title("test set: predicted-class distribution")
+    ax.legend(loc="upper center", ncols=2)
     return _save(figure, path)
 
 
@@ -208,39 +330,179 @@ def plot_augmentation(images, labels, config: AugmentConfig, path, views=AUGMENT
     return _save(figure, path)
 
 
+# ----------------------------------------------------------------------------- index.html
+
+# On load, each picture that did not load is marked (a visible note for the reader) and the
+# body records how many did, which the headless-browser test reads back from the DOM.
+_CHECK_IMAGES = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  for (const img of images) {
+    img.dataset.naturalWidth = img.naturalWidth;
+    if (img.naturalWidth) continue;
+    const note = document.createElement("p");
+    note.className = "missing";
+    note.textContent = "missing picture: " + img.alt;
+    img.after(note);
+  }
+  document.body.dataset.imagesLoaded = `${images.filter(img => img.naturalWidth > 0).length}/${images.length}`;
+});
+</script>"""
+_STYLE = """<style>
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1500px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0; min-width: 0; max-width: 100%; } img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; } .missing { color: #b00; font-weight: bold; }
+.tables, .row { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
+</style>"""
+
+
+def _html_value(value):
+    if isinstance(value, float):  # integers as they are: a line number must read as in the file
+        return "nan" if math.isnan(value) else (f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}")
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def html_table(columns, rows, caption=None):
+    """An HTML table of dict rows; every header and cell escaped."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_html_value(row[c]))}</td>" for c in columns) + "</tr>"
+                   for row in rows)
+    caption = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _key_value_table(values, caption):
+    return html_table(["", "value"], [{"": k, "value": v} for k, v in values.items()], caption)
+
+
+def _figure(file_name, caption):
+    return (f'<figure><img src="{html.escape(file_name)}" alt="{html.escape(file_name)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _link(file_name):
+    return f'<a href="{html.escape(file_name)}">{html.escape(file_name)}</a>'
+
+
+def render_index_html(title, summary, recipe, sections, files):
+    """The page: headline figures and recipe side by side, then each (heading, [html parts]) section."""
+    parts = [f"<h1>{html.escape(title)}</h1>", '<div class="tables">',
+             _key_value_table(summary, "figures"),
+             # settings as given: 0.1, not 0.1000
+             _key_value_table({k: f"{v:g}" if isinstance(v, float) else v for k, v in recipe.items()}, "recipe")
+             if recipe else "", "</div>"]
+    for heading, content in sections:
+        parts += [f"<h2>{html.escape(heading)}</h2>", *content]
+    parts += ["<h2>files</h2><p>" + " · ".join(_link(f) for f in files) + "</p>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title>{_STYLE}</head>\n<body>\n" + "\n".join(parts) +
+            f"\n{_CHECK_IMAGES}\n</body></html>\n")
+
+
 # ----------------------------------------------------------------------------- the report
 
 def write_report(report_dir, dataset: DigitDataset, probabilities, history=None, augment_config=None,
-                 train_set=None, name="validation", log=print):
+                 train_set=None, name="validation", log=print, *, line_numbers=None, test_images=None,
+                 test_probabilities=None, recipe=None, summary=None):
     """Write the report for class `probabilities` (N, classes) of a model on labelled `dataset`.
 
-    Always logs the per-class table and writes per_class_accuracy.csv; draws
-    confusion_matrix.png and worst_errors.png, learning_curves.png when `history` (the
-    trainer's rows) is given and augmentation.png when `augment_config` is (from
-    `train_set`'s images, else `dataset`'s). Without matplotlib the PNGs are skipped
-    with one line. Returns {name: path written}.
+    Always logs the per-class table and writes per_class_accuracy.csv, mistakes.csv (every
+    error; `line_numbers` (N,) gives each image's line in its CSV, header = line 1) and
+    index.html (every picture and table on one page, with `recipe` and `summary`: plain
+    dicts of the run's settings and headline figures). Draws confusion_matrix.png,
+    per_class_accuracy.png and mistakes.png; learning_curves.png when `history` (the
+    trainer's rows) is given; augmentation.png when `augment_config` is (from `train_set`'s
+    images, else `dataset`'s). With `test_probabilities` (N_test, classes): the
+    predicted-class distribution (test_predictions.png) and least_confident_test.csv, and
+    with `test_images` (N_test, 1, 28, 28) too, least_confident_test.png. Without matplotlib
+    the PNGs are skipped with one line. Returns {file name: path written}.
     """
     images, labels, probabilities = dataset.images.cpu(), dataset.labels.cpu(), probabilities.cpu()
     matrix = confusion_matrix(labels, probabilities.argmax(1), classes=probabilities.shape[1])
     rows = per_class_accuracy(matrix)
+    mistakes = mistake_rows(labels, probabilities, line_numbers)
+    accuracy = 1 - len(mistakes) / max(len(labels), 1)
     log(f"per-class accuracy on {len(labels):,} {name} images:\n{format_per_class(rows)}")
-    paths = {"per_class_accuracy": write_per_class_csv(os.path.join(report_dir, "per_class_accuracy.csv"), rows)}
+
+    def target(file_name):
+        return os.path.join(report_dir, file_name)
+
+    paths = {"per_class_accuracy.csv": write_per_class_csv(target("per_class_accuracy.csv"), rows),
+             "mistakes.csv": write_csv_rows(target("mistakes.csv"), MISTAKE_COLUMNS, mistakes)}
+    unsure = []
+    if test_probabilities is not None:
+        test_probabilities = test_probabilities.cpu()
+        unsure = least_confident_rows(test_probabilities, HTML_ROWS)
+        paths["least_confident_test.csv"] = write_csv_rows(target("least_confident_test.csv"), UNSURE_COLUMNS, unsure)
+
+    figures = {}  # file name -> caption, in page order
     try:
         import matplotlib  # noqa: F401  (only to learn whether figures can be drawn)
     except ImportError:
         log(SKIPPED_NO_MATPLOTLIB)
-        return paths
+    else:
+        if history:
+            figures["learning_curves.png"] = plot_learning_curves(history, target("learning_curves.png"))
+        figures["confusion_matrix.png"] = plot_confusion_matrix(matrix, target("confusion_matrix.png"), name)
+        figures["per_class_accuracy.png"] = plot_per_class_accuracy(rows, target("per_class_accuracy.png"), name)
+        figures["mistakes.png"] = plot_mistakes(images, mistakes, len(labels), target("mistakes.png"), name)
+        if test_probabilities is not None:
+            figures["test_predictions.png"] = plot_test_predictions(test_probabilities, labels,
+                                                                    target("test_predictions.png"), name)
+            if test_images is not None:
+                figures["least_confident_test.png"] = plot_least_confident(test_images.cpu(), unsure,
+                                                                           target("least_confident_test.png"))
+        if augment_config is not None:
+            source = train_set if train_set is not None else dataset
+            figures["augmentation.png"] = plot_augmentation(source.images.cpu(), source.labels.cpu(), augment_config,
+                                                            target("augmentation.png"))
+    paths.update(figures)
 
-    def target(stem):
-        return os.path.join(report_dir, f"{stem}.png")
+    captions = {
+        "learning_curves.png": "loss, accuracy and learning rate per epoch of the last model trained",
+        "augmentation.png": "what the training batches look like",
+        "confusion_matrix.png": "row-normalised: share of each true digit's images per prediction (log colour)",
+        "per_class_accuracy.png": "accuracy of each true digit",
+        "mistakes.png": "the most confident mistakes, with the true digit's probability and the runner-up",
+        "test_predictions.png": "how many test images go to each digit, beside the true shares of the labelled set",
+        "least_confident_test.png": "the test images the model is least sure about (ImageId as in the submission)",
+    }
 
+    def pictures(*names):
+        shown = [_figure(n, f"{n}: {captions[n]}") for n in names if n in figures]
+        return [f'<div class="row">{"".join(shown)}</div>'] if shown else []
+
+    where = "train.csv line (header = line 1)" if line_numbers is not None else "position in the reported file"
+    sections = [
+        ("training", pictures("learning_curves.png", "augmentation.png")),
+        (f"{name}: where the model fails",
+         pictures("confusion_matrix.png", "per_class_accuracy.png") +
+         [html_table(PER_CLASS_COLUMNS, rows, f"per-class accuracy on {len(labels):,} {name} images")]),
+        (f"{name}: mistakes",
+         pictures("mistakes.png") +
+         [html_table(MISTAKE_COLUMNS, mistakes[:HTML_ROWS],
+                     f"the {min(len(mistakes), HTML_ROWS)} most confident of {len(mistakes):,} mistakes "
+                     f"(line: {where}); all in mistakes.csv")]),
+    ]
+    if test_probabilities is not None:
+        sections.append((f"test set: {len(test_probabilities):,} images",
+                         pictures("test_predictions.png", "least_confident_test.png") +
+                         [html_table(UNSURE_COLUMNS, unsure, f"the {len(unsure)} least confident test images")]))
     if history:
-        paths["learning_curves"] = plot_learning_curves(history, target("learning_curves"))
-    paths["confusion_matrix"] = plot_confusion_matrix(matrix, target("confusion_matrix"), name)
-    paths["worst_errors"] = plot_worst_errors(images, labels, probabilities, target("worst_errors"), name=name)
-    if augment_config is not None:
-        source = train_set if train_set is not None else dataset
-        paths["augmentation"] = plot_augmentation(source.images.cpu(), source.labels.cpu(), augment_config,
-                                                  target("augmentation"))
-    log(f"report: wrote {len(paths)} files to {report_dir}")
+        sections.append(("history", [html_table(list(history[0]), history, "one row per epoch")]))
+    if not figures:
+        sections.insert(0, ("figures", [f"<p>{html.escape(SKIPPED_NO_MATPLOTLIB)}</p>"]))
+    summary = {f"{name} accuracy": accuracy, f"{name} images": len(labels), "mistakes": len(mistakes),
+               **(summary or {})}
+    page = render_index_html(f"Digit Recognizer report: {name}", summary, recipe or {},
+                             [(h, c) for h, c in sections if c], list(paths))
+    paths["index.html"] = target("index.html")
+    atomic_write_text(paths["index.html"], page)
+    log(f"report: wrote {len(paths)} files to {report_dir} (open {paths['index.html']})")
     return paths

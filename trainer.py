@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, save_checkpoint
-from cli import setting
+from cli import flatten_settings, setting
 from dataloader import AugmentConfig, DigitDataset, augment
 from files import atomic_write_text
 from inference import autocast, eval_batch_size, predict_logits
@@ -238,20 +238,9 @@ def check_resumable(state, path, identity):
     for key, value in identity.items():
         saved = state["identity"].get(key)
         if saved != value:
-            what = "the data" if key == "data" else f"{key} {saved}, not {value}"
+            what = "other data" if key == "data" else f"--{key.replace('_', '-')} {saved}, not {value}"
             raise CheckpointError(f"{path}: was trained on another recipe or data ({what}); resume with the "
                                   f"same data and flags as the interrupted run, or start without --resume")
-
-
-def _flatten(recipe: dict, prefix=""):
-    """{'train.lr': 0.1, ...} from a nested recipe dict, for one-line mismatch messages."""
-    flat = {}
-    for key, value in recipe.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{key}."))
-        else:
-            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
-    return flat
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -298,7 +287,7 @@ class Trainer:
             pct_start=self.config.warmup, div_factor=10, final_div_factor=100)
         self.ema = EMA(model, self.config.ema) if self.config.ema else None
         self.paths = {name: os.path.join(checkpoint_dir, name) for name in ("last.pt", "best.pt", "history.csv")}
-        self.identity = {**_flatten(asdict(recipe)), "seed": seed, "data": data_fingerprint(train_set, val_set)}
+        self.identity = {**flatten_settings(recipe), "seed": seed, "data": data_fingerprint(train_set, val_set)}
         # Per-rank BatchNorm, not SyncBatchNorm: each rank normalises over its own batch, as is
         # standard for DDP. `model` stays unwrapped for evaluation, EMA and checkpoints.
         self.net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -1,8 +1,10 @@
-"""The report (plots, confusion matrix, per-class table), history.csv, progress control, --probs."""
+"""The report (plots, CSVs, index.html in a real browser), history.csv, progress control, --probs."""
 
 import os
 import re
+import shutil
 import stat
+import subprocess
 import sys
 
 import numpy as np
@@ -20,7 +22,10 @@ from trainer import HISTORY_COLUMNS, evaluate, train
 
 CPU = torch.device("cpu")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ALL_PNGS = {"learning_curves", "confusion_matrix", "worst_errors", "augmentation"}
+PNGS = {"learning_curves.png", "confusion_matrix.png", "per_class_accuracy.png", "mistakes.png", "augmentation.png"}
+TEST_SET_FILES = {"test_predictions.png", "least_confident_test.png", "least_confident_test.csv"}
+TABLES = {"per_class_accuracy.csv", "mistakes.csv", "index.html"}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _tiny_model():
@@ -104,63 +109,173 @@ def test_history_csv_one_row_per_epoch_across_resume(tmp_path, split, capsys):
 
 # ----------------------------------------------------------------------------- report
 
-def test_write_report_writes_readable_pngs_and_csv(tmp_path, split):
-    train_set, val_set = split
-    probabilities = evaluate(_tiny_model(), val_set, CPU)["probabilities"]
-    lines = []
-    paths = report.write_report(tmp_path / "report", val_set, probabilities, history=_history(),
-                                augment_config=AugmentConfig(), train_set=train_set, log=lines.append)
-    assert set(paths) == ALL_PNGS | {"per_class_accuracy"}
-    for name in ALL_PNGS:
-        assert paths[name] == os.path.join(tmp_path / "report", f"{name}.png")
-        _assert_png(paths[name])
-    assert not [f for f in os.listdir(tmp_path / "report") if f.startswith(".tmp-")]  # atomic writes left nothing
+MISTAKES = {5: 0.8, 30: 0.7, 12: 0.6}  # validation index -> confidence of its wrong prediction
+RECIPE = {"preset": "fast", "lr": 0.1, "widths": (16, 32, 128), "data": "<script>alert(1)</script>"}  # to escape
+
+
+def _probabilities_with_mistakes(labels):
+    """Right and 91% sure on every image except MISTAKES: wrong (label + 1), the label runner-up."""
+    probabilities = torch.full((len(labels), 10), 0.01)
+    probabilities[torch.arange(len(labels)), labels] = 0.91
+    for index, confidence in MISTAKES.items():
+        probabilities[index] = (1 - confidence - 0.1) / 9
+        probabilities[index, (labels[index] + 1) % 10] = confidence
+        probabilities[index, labels[index]] = 0.1 + (1 - confidence - 0.1) / 9
+    return probabilities
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    """A report with every part (history, augmentation, line numbers, test set, recipe), drawn once."""
+    images, labels = make_digits(140)
+    train_set, val_set = DigitDataset(images[:100], labels[:100]), DigitDataset(images[100:], labels[100:])
+    test_images = make_digits(60, seed=3)[0]
+    test_probabilities = torch.rand(60, 10, generator=torch.Generator().manual_seed(0)).pow(4).softmax(1)
+    folder, lines = tmp_path_factory.mktemp("report"), []
+    paths = report.write_report(folder, val_set, _probabilities_with_mistakes(val_set.labels), history=_history(),
+                                augment_config=AugmentConfig(), train_set=train_set, log=lines.append,
+                                line_numbers=torch.arange(30000, 30040) + 2, test_images=test_images,
+                                test_probabilities=test_probabilities, recipe=RECIPE,
+                                summary={"wall time (s)": 61.0})
+    return {"folder": folder, "paths": paths, "lines": lines, "val_set": val_set,
+            "test_probabilities": test_probabilities}
+
+
+def test_write_report_writes_every_picture_and_table(full_report):
+    paths, folder = full_report["paths"], full_report["folder"]
+    assert set(paths) == PNGS | TEST_SET_FILES | TABLES
+    assert sorted(os.listdir(folder)) == sorted(paths)  # atomic writes left no temp files
+    for name in paths:
+        assert paths[name] == os.path.join(folder, name)
+        if name.endswith(".png"):
+            _assert_png(paths[name])
     umask = os.umask(0o022)
     os.umask(umask)
-    assert stat.S_IMODE(os.stat(paths["confusion_matrix"]).st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    assert stat.S_IMODE(os.stat(paths["confusion_matrix.png"]).st_mode) == 0o666 & ~umask  # not mkstemp's 0600
 
-    table = pd.read_csv(paths["per_class_accuracy"])
+    table = pd.read_csv(paths["per_class_accuracy.csv"])
     assert list(table.columns) == report.PER_CLASS_COLUMNS
-    assert table["digit"].tolist() == list(range(10)) and table["images"].sum() == len(val_set)
-    assert lines[0].startswith(f"per-class accuracy on {len(val_set)} validation images")
+    assert table["digit"].tolist() == list(range(10)) and table["images"].sum() == 40
+    assert full_report["lines"][0].startswith("per-class accuracy on 40 validation images")
+
+
+def test_mistakes_csv_names_train_csv_lines_and_runner_up(full_report):
+    mistakes = pd.read_csv(full_report["paths"]["mistakes.csv"])
+    labels = full_report["val_set"].labels
+    assert list(mistakes.columns) == report.MISTAKE_COLUMNS
+    assert mistakes["index"].tolist() == [5, 30, 12]  # most confidently wrong first
+    assert mistakes["line"].tolist() == [30007, 30032, 30014]  # as if validation image i were train.csv row 30000 + i
+    assert mistakes["label"].tolist() == labels[[5, 30, 12]].tolist()
+    assert mistakes["predicted"].tolist() == ((labels[[5, 30, 12]] + 1) % 10).tolist()
+    np.testing.assert_allclose(mistakes["predicted_probability"], [0.8, 0.7, 0.6], atol=1e-6)
+    assert mistakes["runner_up"].tolist() == mistakes["label"].tolist()
+    np.testing.assert_allclose(mistakes["label_probability"], mistakes["runner_up_probability"], atol=1e-6)
+    np.testing.assert_allclose(mistakes["label_probability"], [0.1 + 0.1 / 9, 0.1 + 0.2 / 9, 0.1 + 0.3 / 9], atol=1e-6)
+
+
+def test_least_confident_test_images(full_report):
+    unsure = pd.read_csv(full_report["paths"]["least_confident_test.csv"])
+    top = full_report["test_probabilities"].max(1).values
+    assert list(unsure.columns) == report.UNSURE_COLUMNS and len(unsure) == report.HTML_ROWS
+    assert unsure["ImageId"].tolist() == (top.argsort()[:report.HTML_ROWS] + 1).tolist()  # ImageId counts from 1
+    np.testing.assert_allclose(unsure["probability"], top.sort().values[:report.HTML_ROWS], atol=1e-6)
+    assert (unsure["runner_up"] != unsure["predicted"]).all()
+    assert (unsure["runner_up_probability"] <= unsure["probability"]).all()
+
+
+def test_index_html_shows_every_picture_and_table_escaped(full_report):
+    paths, folder = full_report["paths"], full_report["folder"]
+    with open(paths["index.html"], encoding="utf-8") as f:
+        page = f.read()
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == sorted(PNGS | {"test_predictions.png",
+                                                                            "least_confident_test.png"})
+    assert str(folder) not in page  # relative links: the folder can be moved or zipped
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<td>widths</td><td>16 32 128</td>" in page and "<td>lr</td><td>0.1</td>" in page
+    assert "<td>wall time (s)</td><td>61.0</td>" in page
+    assert "<td>validation accuracy</td><td>0.9250</td>" in page  # 3 mistakes in 40
+    for line in (30007, 30032, 30014):
+        assert f"<td>{line}</td>" in page  # the mistakes table: line numbers as in the file, no "30,007"
+    assert page.count("<tr><td>") >= 10 + 3 + report.HTML_ROWS + 3  # per-class, mistakes, test, history rows
+    for name in paths:
+        assert f'<a href="{name}">' in page or name == "index.html"
+
+
+def _chromium(tmp_path, *args):
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_index_html_renders_in_headless_chromium_with_every_image_loaded(full_report, tmp_path):
+    # The page's own script marks each <img> with its naturalWidth once loaded; a virtual
+    # time budget lets the load event fire before the DOM is dumped.
+    def render(folder):
+        return _chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", f"file://{folder}/index.html")
+
+    dom = render(full_report["folder"])
+    widths = [int(w) for w in re.findall(r'<img [^>]*data-natural-width="(\d+)"', dom)]
+    assert len(widths) == 7 and min(widths) >= 200
+    assert 'data-images-loaded="7/7"' in dom and '<p class="missing">' not in dom
+
+    broken = tmp_path / "broken"
+    shutil.copytree(full_report["folder"], broken)
+    os.remove(broken / "mistakes.png")
+    dom = render(broken)  # the same check sees a picture that did not load
+    assert 'data-images-loaded="6/7"' in dom and '<p class="missing">missing picture: mistakes.png</p>' in dom
 
 
 def test_write_report_without_history_or_augmentation(tmp_path, split):
     _, val_set = split
     perfect = torch.nn.functional.one_hot(val_set.labels, 10).float()  # no errors to show: still a valid PNG
     paths = report.write_report(tmp_path, val_set, perfect, log=lambda message: None)
-    assert set(paths) == {"confusion_matrix", "worst_errors", "per_class_accuracy"}
-    _assert_png(paths["worst_errors"])
-    assert pd.read_csv(paths["per_class_accuracy"])["accuracy"].eq(1.0).all()
+    assert set(paths) == PNGS - {"learning_curves.png", "augmentation.png"} | TABLES
+    _assert_png(paths["mistakes.png"])
+    assert pd.read_csv(paths["per_class_accuracy.csv"])["accuracy"].eq(1.0).all()
+    assert len(pd.read_csv(paths["mistakes.csv"])) == 0
 
 
-def test_report_skipped_cleanly_without_matplotlib(tmp_path, split, monkeypatch):
+def test_report_without_matplotlib_still_writes_tables_and_page(tmp_path, split, monkeypatch):
     _, val_set = split
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     lines = []
-    paths = report.write_report(tmp_path, val_set, torch.full((len(val_set), 10), 0.1), history=_history(),
-                                augment_config=AugmentConfig(), log=lines.append)
-    assert lines[-1] == "report skipped: matplotlib is not installed (pip install -r requirements.txt)"
-    assert set(paths) == {"per_class_accuracy"}
+    paths = report.write_report(tmp_path, val_set, _probabilities_with_mistakes(val_set.labels),
+                                history=_history(), augment_config=AugmentConfig(), log=lines.append,
+                                test_probabilities=torch.full((20, 10), 0.1), recipe=RECIPE)
+    assert [line for line in lines if "skipped" in line] == [report.SKIPPED_NO_MATPLOTLIB]
+    assert set(paths) == TABLES | {"least_confident_test.csv"}
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".png")]
+    with open(paths["index.html"], encoding="utf-8") as f:
+        page = f.read()
+    assert "<img" not in page and "matplotlib is not installed" in page and "<th>most_confused_with</th>" in page
+    assert len(pd.read_csv(paths["mistakes.csv"])) == len(MISTAKES)
 
 
 # ----------------------------------------------------------------------------- main.py
 
 @pytest.mark.parametrize("quiet", [True, False])
-def test_main_report_and_quiet(tmp_path, kaggle_dir, capsys, quiet):
+def test_main_report_and_quiet(tmp_path, kaggle_dir, capsys, monkeypatch, quiet):
     report_dir = tmp_path / "reports"
     argv = ["--data", str(kaggle_dir), "--epochs", "1", "--widths", "4", "8", "8", "--batch-size", "32",
             "--checkpoint-dir", str(tmp_path / "ck"),
             "--submission", str(tmp_path / "submission.csv"), "--report", str(report_dir) if quiet else ""]
+    table = pd.read_csv(kaggle_dir / "train.csv")
+    table.loc[::7, "label"] = (table.loc[::7, "label"] + 1) % 10  # 86 mislabelled rows, for mistakes.csv
+    table.to_csv(kaggle_dir / "train.csv", index=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as in a terminal: bars unless --quiet
     assert main_module.main(argv + (["--quiet"] if quiet else [])) == 0
     out, err = capsys.readouterr()
-    assert err == ""
+    assert ("img/s" in err) != quiet  # tqdm's bars go to stderr
     assert bool(re.search(r"^epoch +1/1 ", out, re.M)) != quiet
     assert len(pd.read_csv(tmp_path / "ck" / "history.csv")) == 1
     if quiet:
-        assert set(os.listdir(report_dir)) == {f"{name}.png" for name in ALL_PNGS} | {"per_class_accuracy.csv"}
+        assert set(os.listdir(report_dir)) == PNGS | TABLES | TEST_SET_FILES
         assert "per-class accuracy on 60 validation images" in out
+        mistakes = pd.read_csv(report_dir / "mistakes.csv")  # each line number points at its train.csv row
+        assert len(mistakes) and (table["label"].to_numpy()[mistakes["line"] - 2] == mistakes["label"]).all()
+        assert set(mistakes["line"] - 2) & set(range(0, 600, 7))  # the mislabelled rows are among them
     else:
         assert not report_dir.exists() and "per-class" not in out
 
@@ -192,7 +307,7 @@ def test_inference_report_on_labelled_csv(tmp_path, checkpoint, monkeypatch):
     monkeypatch.chdir(tmp_path)
     labelled = write_csv(tmp_path / "train.csv", *make_digits(50, seed=4))
     assert inference.main(["--checkpoint", checkpoint, "--input", labelled, "--report", "rep"]) == 0
-    assert sorted(os.listdir("rep")) == ["confusion_matrix.png", "per_class_accuracy.csv", "worst_errors.png"]
+    assert set(os.listdir("rep")) == PNGS - {"learning_curves.png", "augmentation.png"} | TABLES
     assert pd.read_csv("rep/per_class_accuracy.csv")["images"].sum() == 50
     assert not os.path.exists("final_submission.csv")  # --report scores, it does not predict for Kaggle
 
