@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from DigitRecognizerModel import build_model, count_parameters
-from cli import ArgumentParser, UserError, choose_device, exit_code_of_user_error
+from cli import ArgumentParser, UserError, choose_device, fail
 from dataloader import DigitDataset, load_test, load_train, stratified_split
 from export import onnxruntime_images_per_s
 from files import atomic_write_text
@@ -187,7 +187,7 @@ def main_cli(argv=None):
     try:
         results = run(args)
     except UserError as e:
-        return exit_code_of_user_error(e)
+        return fail(e)
     print_table(results)
     atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
     return 0

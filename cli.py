@@ -134,9 +134,22 @@ def choose_device(name="auto") -> torch.device:
     return torch.device(name)
 
 
-def exit_code_of_user_error(error) -> int:
+def fail(error, code=2) -> int:
+    """Print `error` as the one line a failed command leaves; returns the exit code."""
     print(f"error: {error}", file=sys.stderr)
-    return 2
+    return code
+
+
+def run_command(run, args, failures=()) -> int:
+    """A command's exit code: 0 when `run(args)` works, 2 for bad input (UserError), 1 for
+    the `failures` it names (e.g. a check that did not pass); each failure is one line."""
+    try:
+        run(args)
+    except UserError as e:
+        return fail(e)
+    except failures as e:
+        return fail(e, code=1)
+    return 0
 
 
 class sigterm_as_interrupt:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cli import ArgumentParser, UserError, exit_code_of_user_error
+from cli import ArgumentParser, UserError, run_command
 from dataloader import find_data, iter_digit_csv
 from files import atomic_write_bytes, check_outputs
 from inference import csv_files, load_models, predict_probs
@@ -198,15 +198,7 @@ def run(args, log=print):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        return exit_code_of_user_error(e)
-    except ParityError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run, parse_args(argv), failures=ParityError)
 
 
 if __name__ == "__main__":

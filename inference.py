@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
-from cli import ArgumentParser, UserError, choose_device, exit_code_of_user_error
+from cli import ArgumentParser, choose_device, run_command
 from dataloader import CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv, warp
 from files import atomic_open, check_outputs
 from report import report_files, write_report
@@ -200,12 +200,7 @@ def run(args, log=print):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        return exit_code_of_user_error(e)
-    return 0
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

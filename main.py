@@ -31,7 +31,7 @@ import time
 import torch
 
 from DigitRecognizerModel import build_model
-from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, exit_code_of_user_error,
+from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fail,
                  flatten_settings, settings_from_flags, sigterm_as_interrupt)
 from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train, stratified_split
 from files import check_outputs, folder_lock
@@ -258,10 +258,9 @@ def main(argv=None) -> int:
             _run(options, recipe, print)
             close_distributed(wait_for_peers=True)
     except UserError as e:
-        return exit_code_of_user_error(e)
+        return fail(e)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(e, code=1)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # one message, not one per torchrun process
             print_resume_hint(argv, options, recipe)

@@ -407,6 +407,69 @@ def render_index_html(title, summary, recipe, sections, files):
 
 # ----------------------------------------------------------------------------- the report
 
+FIGURE_CAPTIONS = {  # file name -> caption, in page order
+    "learning_curves.png": "loss, accuracy and learning rate per epoch of the last model trained",
+    "augmentation.png": "what the training batches look like",
+    "confusion_matrix.png": "row-normalised: share of each true digit's images per prediction (log colour)",
+    "per_class_accuracy.png": "accuracy of each true digit",
+    "mistakes.png": "the most confident mistakes, with the true digit's probability and the runner-up",
+    "test_predictions.png": "how many test images go to each digit, beside the true shares of the labelled set",
+    "least_confident_test.png": "the test images the model is least sure about (ImageId as in the submission)",
+}
+
+
+def _draw_figures(target, dataset, name, matrix, rows, mistakes, history, augment_config, train_set, test):
+    """Every figure the inputs allow: {file name: path}; {} (with a log line) without matplotlib."""
+    images, labels = dataset.images.cpu(), dataset.labels.cpu()
+    test_images, test_probabilities, unsure = test
+    figures = {}
+    if history:
+        figures["learning_curves.png"] = plot_learning_curves(history, target("learning_curves.png"))
+    figures["confusion_matrix.png"] = plot_confusion_matrix(matrix, target("confusion_matrix.png"), name)
+    figures["per_class_accuracy.png"] = plot_per_class_accuracy(rows, target("per_class_accuracy.png"), name)
+    figures["mistakes.png"] = plot_mistakes(images, mistakes, len(labels), target("mistakes.png"), name)
+    if test_probabilities is not None:
+        figures["test_predictions.png"] = plot_test_predictions(test_probabilities, labels,
+                                                                target("test_predictions.png"), name)
+        if test_images is not None:
+            figures["least_confident_test.png"] = plot_least_confident(test_images.cpu(), unsure,
+                                                                       target("least_confident_test.png"))
+    if augment_config is not None:
+        source = train_set if train_set is not None else dataset
+        figures["augmentation.png"] = plot_augmentation(source.images.cpu(), source.labels.cpu(), augment_config,
+                                                        target("augmentation.png"))
+    return figures
+
+
+def _index_sections(name, figures, rows, mistakes, unsure, history, n_images, n_test, line_numbers_given):
+    """[(heading, [html blocks])] of index.html, empty sections dropped."""
+    def pictures(*names):
+        shown = [_figure(n, f"{n}: {FIGURE_CAPTIONS[n]}") for n in names if n in figures]
+        return [f'<div class="row">{"".join(shown)}</div>'] if shown else []
+
+    where = "train.csv line (header = line 1)" if line_numbers_given else "position in the reported file"
+    sections = [
+        ("training", pictures("learning_curves.png", "augmentation.png")),
+        (f"{name}: where the model fails",
+         pictures("confusion_matrix.png", "per_class_accuracy.png") +
+         [html_table(PER_CLASS_COLUMNS, rows, f"per-class accuracy on {n_images:,} {name} images")]),
+        (f"{name}: mistakes",
+         pictures("mistakes.png") +
+         [html_table(MISTAKE_COLUMNS, mistakes[:HTML_ROWS],
+                     f"the {min(len(mistakes), HTML_ROWS)} most confident of {len(mistakes):,} mistakes "
+                     f"(line: {where}); all in mistakes.csv")]),
+    ]
+    if n_test is not None:
+        sections.append((f"test set: {n_test:,} images",
+                         pictures("test_predictions.png", "least_confident_test.png") +
+                         [html_table(UNSURE_COLUMNS, unsure, f"the {len(unsure)} least confident test images")]))
+    if history:
+        sections.append(("history", [html_table(list(history[0]), history, "one row per epoch")]))
+    if not figures:
+        sections.insert(0, ("figures", [f"<p>{html.escape(SKIPPED_NO_MATPLOTLIB)}</p>"]))
+    return [(heading, blocks) for heading, blocks in sections if blocks]
+
+
 def write_report(report_dir, dataset: DigitDataset, probabilities, history=None, augment_config=None,
                  train_set=None, name="validation", log=print, *, line_numbers=None, test_images=None,
                  test_probabilities=None, recipe=None, summary=None):
@@ -423,11 +486,10 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
     with `test_images` (N_test, 1, 28, 28) too, least_confident_test.png. Without matplotlib
     the PNGs are skipped with one line. Returns {file name: path written}.
     """
-    images, labels, probabilities = dataset.images.cpu(), dataset.labels.cpu(), probabilities.cpu()
+    labels, probabilities = dataset.labels.cpu(), probabilities.cpu()
     matrix = confusion_matrix(labels, probabilities.argmax(1), classes=probabilities.shape[1])
     rows = per_class_accuracy(matrix)
     mistakes = mistake_rows(labels, probabilities, line_numbers)
-    accuracy = 1 - len(mistakes) / max(len(labels), 1)
     log(f"per-class accuracy on {len(labels):,} {name} images:\n{format_per_class(rows)}")
 
     def target(file_name):
@@ -440,68 +502,20 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
         test_probabilities = test_probabilities.cpu()
         unsure = least_confident_rows(test_probabilities, HTML_ROWS)
         paths["least_confident_test.csv"] = write_csv_rows(target("least_confident_test.csv"), UNSURE_COLUMNS, unsure)
-
-    figures = {}  # file name -> caption, in page order
     try:
         import matplotlib  # noqa: F401  (only to learn whether figures can be drawn)
+        figures = _draw_figures(target, dataset, name, matrix, rows, mistakes, history, augment_config, train_set,
+                                (test_images, test_probabilities, unsure))
     except ImportError:
         log(SKIPPED_NO_MATPLOTLIB)
-    else:
-        if history:
-            figures["learning_curves.png"] = plot_learning_curves(history, target("learning_curves.png"))
-        figures["confusion_matrix.png"] = plot_confusion_matrix(matrix, target("confusion_matrix.png"), name)
-        figures["per_class_accuracy.png"] = plot_per_class_accuracy(rows, target("per_class_accuracy.png"), name)
-        figures["mistakes.png"] = plot_mistakes(images, mistakes, len(labels), target("mistakes.png"), name)
-        if test_probabilities is not None:
-            figures["test_predictions.png"] = plot_test_predictions(test_probabilities, labels,
-                                                                    target("test_predictions.png"), name)
-            if test_images is not None:
-                figures["least_confident_test.png"] = plot_least_confident(test_images.cpu(), unsure,
-                                                                           target("least_confident_test.png"))
-        if augment_config is not None:
-            source = train_set if train_set is not None else dataset
-            figures["augmentation.png"] = plot_augmentation(source.images.cpu(), source.labels.cpu(), augment_config,
-                                                            target("augmentation.png"))
+        figures = {}
     paths.update(figures)
-
-    captions = {
-        "learning_curves.png": "loss, accuracy and learning rate per epoch of the last model trained",
-        "augmentation.png": "what the training batches look like",
-        "confusion_matrix.png": "row-normalised: share of each true digit's images per prediction (log colour)",
-        "per_class_accuracy.png": "accuracy of each true digit",
-        "mistakes.png": "the most confident mistakes, with the true digit's probability and the runner-up",
-        "test_predictions.png": "how many test images go to each digit, beside the true shares of the labelled set",
-        "least_confident_test.png": "the test images the model is least sure about (ImageId as in the submission)",
-    }
-
-    def pictures(*names):
-        shown = [_figure(n, f"{n}: {captions[n]}") for n in names if n in figures]
-        return [f'<div class="row">{"".join(shown)}</div>'] if shown else []
-
-    where = "train.csv line (header = line 1)" if line_numbers is not None else "position in the reported file"
-    sections = [
-        ("training", pictures("learning_curves.png", "augmentation.png")),
-        (f"{name}: where the model fails",
-         pictures("confusion_matrix.png", "per_class_accuracy.png") +
-         [html_table(PER_CLASS_COLUMNS, rows, f"per-class accuracy on {len(labels):,} {name} images")]),
-        (f"{name}: mistakes",
-         pictures("mistakes.png") +
-         [html_table(MISTAKE_COLUMNS, mistakes[:HTML_ROWS],
-                     f"the {min(len(mistakes), HTML_ROWS)} most confident of {len(mistakes):,} mistakes "
-                     f"(line: {where}); all in mistakes.csv")]),
-    ]
-    if test_probabilities is not None:
-        sections.append((f"test set: {len(test_probabilities):,} images",
-                         pictures("test_predictions.png", "least_confident_test.png") +
-                         [html_table(UNSURE_COLUMNS, unsure, f"the {len(unsure)} least confident test images")]))
-    if history:
-        sections.append(("history", [html_table(list(history[0]), history, "one row per epoch")]))
-    if not figures:
-        sections.insert(0, ("figures", [f"<p>{html.escape(SKIPPED_NO_MATPLOTLIB)}</p>"]))
-    summary = {f"{name} accuracy": accuracy, f"{name} images": len(labels), "mistakes": len(mistakes),
-               **(summary or {})}
-    page = render_index_html(f"Digit Recognizer report: {name}", summary, recipe or {},
-                             [(h, c) for h, c in sections if c], list(paths))
+    sections = _index_sections(name, figures, rows, mistakes, unsure, history, len(labels),
+                               None if test_probabilities is None else len(test_probabilities),
+                               line_numbers is not None)
+    summary = {f"{name} accuracy": 1 - len(mistakes) / max(len(labels), 1), f"{name} images": len(labels),
+               "mistakes": len(mistakes), **(summary or {})}
+    page = render_index_html(f"Digit Recognizer report: {name}", summary, recipe or {}, sections, list(paths))
     paths["index.html"] = target("index.html")
     atomic_write_text(paths["index.html"], page)
     log(f"report: wrote {len(paths)} files to {report_dir} (open {paths['index.html']})")
