@@ -54,10 +54,10 @@ class ModelConfig:
     num_classes: int = NUM_CLASSES
 
 
-def conv_bn_relu(in_channels, out_channels, padding=1):
+def conv_bn_relu(in_channels, out_channels, padding=1, kernel=3, stride=1):
     # No conv bias: the BatchNorm right after it has one.
     return [
-        nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=False),
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     ]
@@ -80,6 +80,7 @@ class DigitRecognizerModel(nn.Module):
     Input: float images in [0, 1], shape (N, 1, 28, 28). Output: logits (N, classes).
     At widths (16, 32, 128): 86k parameters, 5.6M multiply-adds per image.
     """
+    DEFAULT_WIDTHS, DEFAULT_DROPOUT = (16, 32, 128), 0.1
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -105,6 +106,43 @@ class DigitRecognizerModel(nn.Module):
     @torch.no_grad()
     def fuse_batchnorm_(self):
         """For inference only: BatchNorm folded into the convolutions (see bench.py)."""
+        fuse_batchnorm_(self.eval().features)
+        return self
+
+
+@register("deotte")
+class KaggleCNN(nn.Module):
+    """The CNN of Chris Deotte's 15-net Kaggle ensemble (0.99757), in PyTorch: strided 5x5
+    convolutions instead of pooling, heavy dropout, a 128-unit dense layer.
+
+    widths (w1, w2, dense): two valid 3x3 convs and a stride-2 5x5 conv at w1, the same at w2.
+    """
+    DEFAULT_WIDTHS, DEFAULT_DROPOUT = (32, 64, 128), 0.4
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if len(config.widths) != 3:
+            raise ValueError(f"the deotte architecture takes 3 widths, got {len(config.widths)}")
+        self.config = config
+        w1, w2, dense = config.widths
+        self.features = nn.Sequential(
+            *conv_bn_relu(1, w1, padding=0), *conv_bn_relu(w1, w1, padding=0),  # (N, w1, 24, 24)
+            *conv_bn_relu(w1, w1, kernel=5, stride=2, padding=2), nn.Dropout(config.dropout),  # (N, w1, 12, 12)
+            *conv_bn_relu(w1, w2, padding=0), *conv_bn_relu(w2, w2, padding=0),  # (N, w2, 8, 8)
+            *conv_bn_relu(w2, w2, kernel=5, stride=2, padding=2), nn.Dropout(config.dropout),  # (N, w2, 4, 4)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),  # (N, w2 * 16)
+            nn.Linear(w2 * 16, dense, bias=False), nn.BatchNorm1d(dense), nn.ReLU(inplace=True),
+            nn.Dropout(config.dropout), nn.Linear(dense, config.num_classes),
+        )
+
+    def forward(self, images):
+        x = (images - PIXEL_MEAN) / PIXEL_STD
+        return self.classifier(self.features(x))
+
+    @torch.no_grad()
+    def fuse_batchnorm_(self):
         fuse_batchnorm_(self.eval().features)
         return self
 

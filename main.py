@@ -30,15 +30,17 @@ import time
 
 import torch
 
-from DigitRecognizerModel import build_model
+from DigitRecognizerModel import CheckpointError, build_model
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fail,
                  flatten_settings, settings_from_flags, sigterm_as_interrupt)
-from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train, stratified_split
+from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train
+from ensemble import member_folders, out_of_fold_probs, plan, pseudo_labelled, with_extra
 from files import check_outputs, folder_lock
 from inference import csv_files, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, preset, preset_notes
 from report import report_files, write_report
-from trainer import TrainingDiverged, close_distributed, init_distributed, rank_and_world_size, train
+from trainer import (TrainingDiverged, close_distributed, init_distributed, rank_and_world_size, train,
+                     wait_for_rank_0)
 
 CHECKPOINT_FILES = ("best.pt", "last.pt", "history.csv")
 
@@ -88,80 +90,84 @@ def parse_args(argv, parser_class=ArgumentParser):
     if recipe.train.batch_size % world_size:
         parser.error(f"--batch-size {recipe.train.batch_size} is the global batch; it must divide evenly "
                      f"over the {world_size} processes")
-    if len(recipe.model.widths) != 3 and recipe.model.arch == "cnn":
-        parser.error(f"--widths takes 3 numbers for --arch cnn, got {len(recipe.model.widths)}")
+    if len(recipe.model.widths) != 3:
+        parser.error(f"--widths takes 3 numbers, got {len(recipe.model.widths)}")
+    folds = recipe.ensemble.folds
+    if folds == 1 or (folds and (recipe.ensemble.full_train or recipe.ensemble.ensemble > 1)):
+        parser.error("--folds K takes K >= 2 and makes the K members itself: drop --ensemble and --full-train, "
+                     "or use --folds 0")
     return options, recipe
-
-
-def member_dirs(options, recipe):
-    """Checkpoint folder of each ensemble member: the folder itself for a single model."""
-    if recipe.ensemble.ensemble == 1:
-        return [options.checkpoint_dir]
-    return [os.path.join(options.checkpoint_dir, f"member{m + 1}") for m in range(recipe.ensemble.ensemble)]
 
 
 def planned_outputs(options, recipe):
     """[(flag, path)] of every file the run will write, for the checks before it starts."""
     outputs = [("--submission", options.submission)]
     outputs += [("--report", path) for path in report_files(options.report)] if options.report else []
-    outputs += [("--checkpoint-dir", os.path.join(folder, name))
-                for folder in member_dirs(options, recipe) for name in CHECKPOINT_FILES]
+    rounds = [options.checkpoint_dir] + ([os.path.join(options.checkpoint_dir, "round2")]
+                                         if recipe.ensemble.pseudo_label else [])
+    outputs += [("--checkpoint-dir", os.path.join(folder, name)) for checkpoint_dir in rounds
+                for folder in member_folders(recipe, checkpoint_dir) for name in CHECKPOINT_FILES]
     return outputs
 
 
 def load_data(options, recipe, log):
-    """(train set, validation set, test images), checked before any training."""
+    """(all of train.csv as a DigitDataset, test images), checked before any training."""
     images, labels = load_train(options.data, log=log)
     test_images = load_test(options.data, log=log)  # read (and checked) before training, not after
-    val_fraction = 0 if recipe.ensemble.full_train else VAL_FRACTION
-    check_training_set(options.data, labels, val_fraction, log=log)
-    full = DigitDataset(images, labels)
-    train_idx, val_idx = stratified_split(labels, val_fraction, options.seed)
-    if len(train_idx) < recipe.train.batch_size:
-        raise DataError(f"--batch-size {recipe.train.batch_size} is larger than the {len(train_idx):,} training "
-                        f"images; lower it or add data")
-    return full.subset(train_idx), full.subset(val_idx), test_images
+    held_out = 1 / recipe.ensemble.folds if recipe.ensemble.folds else VAL_FRACTION
+    check_training_set(options.data, labels, 0 if recipe.ensemble.full_train else held_out, log=log)
+    rows_per_member = len(labels) * (1 - (0 if recipe.ensemble.full_train else held_out))
+    if rows_per_member < recipe.train.batch_size:
+        raise DataError(f"--batch-size {recipe.train.batch_size} is larger than the {int(rows_per_member):,} training "
+                        f"images of a model; lower it or add data")
+    return DigitDataset(images, labels), test_images
 
 
-def train_members(options, recipe, train_set, val_set, device, log):
-    """Train every ensemble member; returns (histories, best.pt paths)."""
-    histories, checkpoints = [], []
-    for member, folder in enumerate(member_dirs(options, recipe)):
-        seed = options.seed + member
-        if recipe.ensemble.ensemble > 1:
-            log(f"ensemble member {member + 1}/{recipe.ensemble.ensemble} (seed {seed}) -> {folder}")
-        torch.manual_seed(seed)
-        model = build_model(recipe.model)
+def train_members(options, recipe, members, full, device, log, extra=None):
+    """Train every member (on its rows plus the `extra` dataset); returns the histories."""
+    histories = []
+    for member in members:
+        if len(members) > 1:
+            log(f"member {member.index + 1}/{len(members)} ({member.model.arch}, seed {member.seed}, "
+                f"{len(member.train_rows) + (len(extra) if extra else 0):,} training images) -> {member.folder}")
+        torch.manual_seed(member.seed)
+        model = build_model(member.model)
         # A resumed ensemble continues the member that was cut off and starts the ones never begun.
-        resume = options.resume and (member == 0 or os.path.exists(os.path.join(folder, "last.pt")))
+        resume = options.resume and os.path.exists(os.path.join(member.folder, "last.pt"))
         # progress=None: bars only when stderr is a terminal; --quiet also drops the per-epoch lines.
-        histories.append(train(model, train_set, val_set, recipe, device, folder, seed=seed, resume=resume,
+        histories.append(train(model, with_extra(full.subset(member.train_rows), extra), full.subset(member.val_rows),
+                               recipe, device, member.folder, seed=member.seed, resume=resume,
                                max_steps_per_epoch=1 if options.dry_run else 0,
+                               keep_best=not recipe.ensemble.folds,
                                log=(lambda message: None) if options.quiet else log,
                                progress=False if options.quiet else None))
-        checkpoints.append(os.path.join(folder, "best.pt"))
-    return histories, checkpoints
+    return histories
 
 
-def submit(options, recipe, checkpoints, val_set, test_images, device, log):
-    """Write the submission from the members' best.pt; returns the validation accuracy of the
-    submitted predictor (ensemble, TTA) and its validation and test probabilities."""
-    models = load_models(checkpoints, device)
-    tta = recipe.ensemble.tta
-    val_probs = predict_probs(models, val_set.images, device, tta=tta)  # (0, 10) under --full-train
-    val_accuracy = float("nan")
+def evaluate_members(recipe, members, full, test_images, device, log):
+    """(validation set, its probabilities, test probabilities) of the submitted predictor.
+
+    Under --folds the validation set is all of train.csv, each row predicted by the member
+    that held it out (out of fold); else the shared validation split, by the whole ensemble.
+    """
+    models = load_models([os.path.join(m.folder, "best.pt") for m in members], device)
+    predict = lambda chosen, images: predict_probs(chosen, images, device, tta=recipe.ensemble.tta)  # noqa: E731
+    views = ", TTA" if recipe.ensemble.tta else ""
+    if recipe.ensemble.folds:
+        val_set, val_probs = full, out_of_fold_probs(members, models, full, predict)
+        what = f"out-of-fold accuracy ({len(models)} folds, each row by the model that never saw it{views})"
+    else:
+        val_set = full.subset(members[0].val_rows)
+        val_probs = predict(models, val_set.images)  # (0, 10) under --full-train
+        what = f"validation accuracy of the submitted predictor ({len(models)} model(s){views})"
     if len(val_set):
-        val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item()
-        log(f"validation accuracy of the submitted predictor ({len(models)} model(s){', TTA' if tta else ''}): "
-            f"{val_accuracy:.4f}")
-    test_probs = predict_probs(models, test_images, device, tta=tta)
-    write_submission(options.submission, test_probs.argmax(1))
-    return val_accuracy, val_probs, test_probs
+        log(f"{what}: {(val_probs.argmax(1) == val_set.labels).float().mean().item():.4f}")
+    return val_set, val_probs, predict(models, test_images)
 
 
 def write_run_report(options, recipe, histories, sets, probabilities, seconds, log):
     """reports/ for the submitted predictor: validation errors, test-set confidence, the recipe."""
-    train_set, val_set, test_images = sets
+    full, val_set, test_images = sets
     val_probs, test_probs = probabilities
     if not len(val_set):
         log(f"no report in {options.report}: --full-train leaves no validation images to report on")
@@ -170,43 +176,67 @@ def write_run_report(options, recipe, histories, sets, probabilities, seconds, l
                 **{key: ", ".join(map(str, v)) if isinstance(v, tuple) else v
                    for key, v in flatten_settings(recipe).items()}}
     write_report(options.report, val_set, val_probs, history=histories[-1], augment_config=recipe.augment,
-                 train_set=train_set, log=log, line_numbers=val_set.line_numbers, test_images=test_images,
+                 train_set=full, log=log, line_numbers=val_set.line_numbers, test_images=test_images,
                  test_probabilities=test_probs, recipe=settings,
-                 summary={"models": len(histories), "seconds to train and predict": round(seconds)})
+                 summary={"models": len(histories), "seconds to train and predict": round(seconds)},
+                 name="out-of-fold" if recipe.ensemble.folds else "validation")
+
+
+def train_rounds(options, recipe, full, test_images, device, log):
+    """Train the members (and, with --pseudo-label, a second round on the confident test
+    images too); returns (histories, validation set, its probabilities, test probabilities)."""
+    members = plan(recipe, full.labels, options.checkpoint_dir, options.seed)
+    first = os.path.join(members[0].folder, "last.pt")
+    if options.resume and not os.path.exists(first):
+        raise CheckpointError(f"{first}: nothing to resume (no such file); start without --resume")
+    histories = train_members(options, recipe, members, full, device, log)
+    wait_for_rank_0()  # its best.pt files are complete before any rank reads them
+    val_set, val_probs, test_probs = evaluate_members(recipe, members, full, test_images, device, log)
+    if recipe.ensemble.pseudo_label:
+        extra = pseudo_labelled(test_images, test_probs, recipe.ensemble.pseudo_label)
+        log(f"pseudo-labels: {len(extra):,} of {len(test_images):,} test images at probability >= "
+            f"{recipe.ensemble.pseudo_label:g} join every member's training rows for round 2")
+        members = plan(recipe, full.labels, os.path.join(options.checkpoint_dir, "round2"), options.seed)
+        histories = train_members(options, recipe, members, full, device, log, extra)
+        wait_for_rank_0()
+        val_set, val_probs, test_probs = evaluate_members(recipe, members, full, test_images, device, log)
+    return histories, val_set, val_probs, test_probs
 
 
 def train_and_submit(options, recipe, device, log=print):
     """Train, then write the submission and the report on the validation split.
 
-    Returns {'histories', 'val_accuracy', 'checkpoints', 'submission', 'seconds'}, where
-    val_accuracy is that of the submitted predictor (ensemble, TTA) on the validation split.
+    Returns {'histories', 'val_accuracy', 'submission', 'seconds', 'recipe'}, where val_accuracy
+    is the submitted predictor's on the validation split (out of fold under --folds).
     """
     started = time.perf_counter()
     device = init_distributed(device)
     rank, world_size = rank_and_world_size()
     if rank:  # rank 0 alone logs and writes files
-        log = lambda *_, **__: None
+        log = lambda *_, **__: None  # noqa: E731
     options.data = find_data(options.data)  # data/, the Kaggle CLI's zip, or a notebook's input folder
     inputs = csv_files(options.data, "train.csv") + csv_files(options.data, "test.csv")
     check_outputs(planned_outputs(options, recipe), inputs)
-    train_set, val_set, test_images = load_data(options, recipe, log)
+    full, test_images = load_data(options, recipe, log)
+    first = plan(recipe, full.labels, options.checkpoint_dir, options.seed)[0]
     processes = f" in each of {world_size} processes" if world_size > 1 else ""
-    log(f"data: {len(train_set):,} train / {len(val_set):,} validation / {len(test_images):,} test images; "
-        f"device {device}, {torch.get_num_threads()} threads{processes}")
+    folds = f" (fold 1 of {recipe.ensemble.folds})" if recipe.ensemble.folds else ""
+    log(f"data: {len(first.train_rows):,} train / {len(first.val_rows):,} validation{folds} / {len(test_images):,} "
+        f"test images; device {device}, {torch.get_num_threads()} threads{processes}")
     if recipe.ensemble.full_train:
         log(f"full-train: no validation split; the model after epoch {recipe.train.epochs} is the one submitted")
     with folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext():
-        histories, checkpoints = train_members(options, recipe, train_set, val_set, device, log)
-        val_accuracy = float("nan")
+        histories, val_set, val_probs, test_probs = train_rounds(options, recipe, full, test_images, device, log)
         if rank == 0:  # every rank ends with the same weights; one writes
-            val_accuracy, *probabilities = submit(options, recipe, checkpoints, val_set, test_images, device, log)
+            write_submission(options.submission, test_probs.argmax(1))
             if options.report:
-                write_run_report(options, recipe, histories, (train_set, val_set, test_images), probabilities,
+                write_run_report(options, recipe, histories, (full, val_set, test_images), (val_probs, test_probs),
                                  time.perf_counter() - started, log)
     seconds = time.perf_counter() - started
     log(f"wrote {options.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
-    return {"histories": histories, "val_accuracy": val_accuracy, "checkpoints": checkpoints,
-            "submission": options.submission, "seconds": seconds, "recipe": recipe}
+    val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item() if len(val_set) else float("nan")
+    return {"histories": histories, "val_accuracy": val_accuracy, "submission": options.submission,
+            "seconds": seconds, "recipe": recipe}
 
 
 @contextlib.contextmanager
@@ -273,7 +303,7 @@ def main(argv=None) -> int:
 def print_resume_hint(argv, options, recipe):
     flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
     command = "torchrun <same options> main.py" if "WORLD_SIZE" in os.environ else "python main.py"
-    if options.dry_run or not os.path.exists(os.path.join(member_dirs(options, recipe)[0], "last.pt")):
+    if options.dry_run or not os.path.exists(os.path.join(member_folders(recipe, options.checkpoint_dir)[0], "last.pt")):
         print("\ninterrupted before the first checkpoint; start again with the same command", file=sys.stderr)
     else:
         print(f"\ninterrupted; resume with: {command} --resume {shlex.join(flags)}".rstrip(), file=sys.stderr)

@@ -47,6 +47,8 @@ class TrainConfig:
     label_smoothing: float = setting(0.1, "label smoothing of the training loss", low=0, high=1, high_open=True)
     warmup: float = setting(0.2, "share of the steps spent rising to the peak LR", low=0.01, high=0.99)
     ema: float = setting(0.0, "weight EMA decay per step, 0 = off", low=0, high=1, high_open=True)
+    best_epoch: bool = setting(False, "submit the epoch with the best validation accuracy, not the last; its "
+                                      "validation figure is then optimistic (picked on those images)")
 
 
 # ----------------------------------------------------------------------------- processes
@@ -79,6 +81,12 @@ def close_distributed(wait_for_peers=False):
             # while its peer is busy can abort ("terminate called without an active exception").
             dist.barrier()
         dist.destroy_process_group()
+
+
+def wait_for_rank_0():
+    """A barrier: every rank waits here until all (rank 0 and its writes included) arrive."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def rank_and_world_size():
@@ -269,7 +277,7 @@ class Trainer:
     """
 
     def __init__(self, model, train_set, val_set, recipe, device, checkpoint_dir, seed=0, max_steps_per_epoch=0,
-                 log=print, progress=False):
+                 keep_best=True, log=print, progress=False):
         self.config, self.device, self.log, self.progress = recipe.train, device, log, progress
         self.rank, world_size = rank_and_world_size()
         self.model = model.to(device).to(memory_format=torch.channels_last)
@@ -277,6 +285,7 @@ class Trainer:
                                    max_steps_per_epoch)
         val_set = val_set.to(device)
         self.has_validation = len(val_set) > 0
+        self.keep_best = keep_best and self.config.best_epoch and self.has_validation  # else the last epoch
         self.val_shard = val_set.subset(slice(self.rank * len(val_set) // world_size,
                                               (self.rank + 1) * len(val_set) // world_size))
         self.max_val_batches = 1 if max_steps_per_epoch else 0
@@ -319,8 +328,8 @@ class Trainer:
                             best_accuracy=self.state.best_accuracy, identity=self.identity)
 
     def save_epoch(self, row):
-        """best.pt on a new best (or always, without validation), then last.pt and history.csv."""
-        improved = not self.has_validation or row["val_accuracy"] >= self.state.best_accuracy
+        """best.pt on a new best (or every epoch, without keep_best), then last.pt and history.csv."""
+        improved = not self.keep_best or row["val_accuracy"] >= self.state.best_accuracy
         if improved and self.has_validation:
             self.state.best_accuracy = row["val_accuracy"]
         if improved and self.rank == 0:
@@ -396,15 +405,16 @@ class Trainer:
 
 
 def train(model, train_set: DigitDataset, val_set: DigitDataset, recipe, device, checkpoint_dir, seed=0,
-          resume=False, max_steps_per_epoch=0, log=print, progress=None):
+          resume=False, max_steps_per_epoch=0, keep_best=True, log=print, progress=None):
     """Train `model` with `recipe` (its .train and .augment settings); returns the history,
     a list of per-epoch dicts (HISTORY_COLUMNS).
 
     In a process group, the batch size is the global batch (main.py checks that it divides
     by the world size) and only rank 0 writes. `progress`: tqdm bars for epochs and
     batches; None = only when stderr is a terminal. `log` gets one line per epoch.
+    keep_best: best.pt is the epoch with the best validation accuracy; else the last epoch.
     """
     progress = (sys.stderr.isatty() if progress is None else progress) and rank_and_world_size()[0] == 0
     trainer = Trainer(model, train_set, val_set, recipe, device, checkpoint_dir, seed, max_steps_per_epoch,
-                      log, progress)
+                      keep_best, log, progress)
     return trainer.fit(resume)

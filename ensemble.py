@@ -1,0 +1,106 @@
+"""The members of a run: which rows and which architecture each one trains on, and what
+their predictions are worth.
+
+- One model: trains on 90% of train.csv, validated on the other 10% (or on all rows,
+  with --full-train).
+- --ensemble N: N members with seeds seed..seed+N-1 on the same split.
+- --folds K: K members; member k holds out fold k of a stratified K-fold split and
+  trains on the rest, so every row of train.csv is predicted once by a model that never
+  saw it: the out-of-fold accuracy is an honest estimate, and the members together have
+  seen every row. Fold members keep their last epoch (no epoch is picked on the rows
+  the estimate is made on).
+- --mix ARCH: every other member uses architecture ARCH with its own default widths and
+  dropout, for a more diverse ensemble.
+- --pseudo-label P: after the first round, test images the ensemble predicts with
+  probability >= P join every member's training rows, with those labels, for a second
+  round (written under <checkpoint-dir>/round2).
+"""
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from DigitRecognizerModel import ARCHITECTURES, ModelConfig
+from dataloader import DigitDataset, stratified_split
+from recipe import VAL_FRACTION
+
+
+@dataclass
+class Member:
+    index: int
+    seed: int
+    model: ModelConfig
+    folder: str
+    train_rows: torch.Tensor  # indices into train.csv
+    val_rows: torch.Tensor
+
+
+def kfold_split(labels, folds, seed):
+    """`folds` disjoint index tensors covering every row, each with ~1/folds of every digit."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = [[] for _ in range(folds)]
+    for digit in labels.unique().tolist():
+        members = torch.nonzero(labels == digit).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        for fold in range(folds):
+            parts[fold].append(members[fold::folds])
+    return [torch.cat(part).sort().values for part in parts]
+
+
+def member_model(recipe, index) -> ModelConfig:
+    """The recipe's model, or for every other member under --mix, the mixed architecture
+    with that architecture's own default widths and dropout."""
+    if recipe.ensemble.mix == "none" or index % 2 == 0:
+        return recipe.model
+    cls = ARCHITECTURES[recipe.ensemble.mix]
+    return replace(recipe.model, arch=recipe.ensemble.mix, widths=cls.DEFAULT_WIDTHS, dropout=cls.DEFAULT_DROPOUT)
+
+
+def member_count(recipe):
+    return recipe.ensemble.folds or recipe.ensemble.ensemble
+
+
+def member_folders(recipe, checkpoint_dir):
+    """Checkpoint folder of each member: the folder itself for a single model."""
+    count = member_count(recipe)
+    return [checkpoint_dir] if count == 1 else [os.path.join(checkpoint_dir, f"member{m + 1}") for m in range(count)]
+
+
+def plan(recipe, labels, checkpoint_dir, seed):
+    """The members of a run on train.csv `labels` (N,), in training order."""
+    if recipe.ensemble.folds:
+        held_out = kfold_split(labels, recipe.ensemble.folds, seed)
+        everything = torch.arange(len(labels))
+        splits = [(everything[~torch.isin(everything, fold)], fold) for fold in held_out]
+    else:
+        split = stratified_split(labels, 0 if recipe.ensemble.full_train else VAL_FRACTION, seed)
+        splits = [split] * recipe.ensemble.ensemble
+    folders = member_folders(recipe, checkpoint_dir)
+    return [Member(index, seed + index, member_model(recipe, index), folders[index], train_rows, val_rows)
+            for index, (train_rows, val_rows) in enumerate(splits)]
+
+
+def out_of_fold_probs(members, models, full: DigitDataset, predict):
+    """(N, classes) probabilities of every row by the one member that held it out;
+    `predict(models, images)` gives class probabilities."""
+    probs = torch.zeros(len(full), 10)
+    for member, model in zip(members, models):
+        probs[member.val_rows] = predict([model], full.images[member.val_rows])
+    return probs
+
+
+def pseudo_labelled(test_images, test_probs, threshold):
+    """The test images predicted with probability >= threshold, labelled with the prediction."""
+    confidence, predicted = test_probs.max(1)
+    keep = confidence >= threshold
+    # rows -1: not from train.csv (no line to name in a report)
+    return DigitDataset(test_images[keep], predicted[keep], torch.full((int(keep.sum()),), -1))
+
+
+def with_extra(dataset: DigitDataset, extra: DigitDataset):
+    """`dataset` followed by `extra` (e.g. pseudo-labelled test images)."""
+    if extra is None or not len(extra):
+        return dataset
+    return DigitDataset(torch.cat([dataset.images, extra.images]), torch.cat([dataset.labels, extra.labels]),
+                        torch.cat([dataset.rows, extra.rows]))
