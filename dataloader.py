@@ -155,6 +155,14 @@ class _LineBoundedReader(io.BufferedIOBase):
         self._newlines += block.count(b"\n")
         return block
 
+    def read1(self, size=-1):  # io.TextIOWrapper (older pandas wraps the stream in one) reads this way
+        return self.read(size if size is not None and size >= 0 else 1 << 18)
+
+    def readinto(self, buffer):
+        block = self.read(len(buffer))
+        buffer[:len(block)] = block
+        return len(block)
+
     def close(self):
         self._raw.close()
         super().close()

@@ -323,3 +323,13 @@ def test_missing_digits_are_one_warning_line(kaggle_dir):
                      f"warning: {train_csv}: no training images of digits 3, 7; the model will never predict them"]
     check_training_set(str(kaggle_dir), labels, 0.1, log=lines.append)
     assert len(lines) == 2
+
+
+def test_line_bounded_stream_reads_through_a_text_wrapper(kaggle_dir):
+    """pandas 2.x (Kaggle Notebooks) wraps the stream in io.TextIOWrapper, which calls read1."""
+    import io
+
+    from dataloader import _LineBoundedReader
+    raw = (kaggle_dir / "test.csv").read_bytes()
+    with io.TextIOWrapper(_LineBoundedReader(io.BytesIO(raw), "test.csv"), encoding="utf-8") as text:
+        assert text.read() == raw.decode()
