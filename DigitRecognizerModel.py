@@ -6,8 +6,9 @@ A checkpoint is a plain dict of tensors and Python types: it stores the model's 
 the network from the file alone, and every load uses `torch.load(..., weights_only=True)`
 so a checkpoint can never run code.
 
-Adding an architecture: write an nn.Module class that takes a ModelConfig, decorate it
-with `@register("name")`; `--arch name` then trains it and every checkpoint of it loads.
+Adding an architecture: a DigitCNN subclass whose `layers` builds its two parts (or any
+nn.Module taking a ModelConfig, with DEFAULT_WIDTHS/DEFAULT_DROPOUT and fuse_batchnorm_),
+decorated with `@register("name")`; `--arch name` then trains it and its checkpoints load.
 """
 
 import os
@@ -63,88 +64,77 @@ def conv_bn_relu(in_channels, out_channels, padding=1, kernel=3, stride=1):
     ]
 
 
-def fuse_batchnorm_(sequential: nn.Sequential):
-    """Fold each BatchNorm of `sequential` into the conv before it, in place (eval only):
-    the separate normalisation passes over the activations vanish."""
-    layers = list(sequential)
-    for i, (conv, norm) in enumerate(zip(layers, layers[1:])):
-        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-            sequential[i] = fuse_conv_bn_eval(conv, norm)
-            sequential[i + 1] = nn.Identity()
-
-
-@register("cnn")
-class DigitRecognizerModel(nn.Module):
-    """Two conv-conv-pool stages and a valid 3x3 conv, then a linear classifier.
+class DigitCNN(nn.Module):
+    """What the architectures share: the config, input normalisation, `features` then
+    `classifier`, and BatchNorm folding for inference. A subclass builds the two
+    nn.Sequential parts from `config.widths` (three numbers) and `config.dropout`.
 
     Input: float images in [0, 1], shape (N, 1, 28, 28). Output: logits (N, classes).
-    At widths (16, 32, 128): 86k parameters, 5.6M multiply-adds per image.
     """
     DEFAULT_WIDTHS, DEFAULT_DROPOUT = (16, 32, 128), 0.1
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         if len(config.widths) != 3:
-            raise ValueError(f"the cnn architecture takes 3 widths, got {len(config.widths)}")
+            raise ValueError(f"the {config.arch} architecture takes 3 widths, got {len(config.widths)}")
         self.config = config
-        c1, c2, c3 = config.widths
-        self.features = nn.Sequential(
+        self.features, self.classifier = self.layers(*config.widths, config.dropout, config.num_classes)
+
+    def forward(self, images):
+        x = (images - PIXEL_MEAN) / PIXEL_STD
+        return self.classifier(self.features(x))
+
+    @torch.no_grad()
+    def fuse_batchnorm_(self):
+        """For inference only: fold each BatchNorm into the conv before it, in place, so the
+        separate normalisation passes over the activations vanish (see bench.py)."""
+        self.eval()
+        layers = list(self.features)
+        for i, (conv, norm) in enumerate(zip(layers, layers[1:])):
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                self.features[i] = fuse_conv_bn_eval(conv, norm)
+                self.features[i + 1] = nn.Identity()
+        return self
+
+
+@register("cnn")
+class DigitRecognizerModel(DigitCNN):
+    """Two conv-conv-pool stages and a valid 3x3 conv, then a linear classifier.
+    At widths (16, 32, 128): 86k parameters, 5.6M multiply-adds per image."""
+    DEFAULT_WIDTHS, DEFAULT_DROPOUT = (16, 32, 128), 0.1
+
+    @staticmethod
+    def layers(c1, c2, c3, dropout, num_classes):
+        features = nn.Sequential(
             *conv_bn_relu(1, c1), *conv_bn_relu(c1, c1), nn.MaxPool2d(2),  # (N, c1, 14, 14)
             *conv_bn_relu(c1, c2), *conv_bn_relu(c2, c2), nn.MaxPool2d(2),  # (N, c2, 7, 7)
             *conv_bn_relu(c2, c3, padding=0),  # (N, c3, 5, 5)
         )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),  # (N, c3 * 25)
-            nn.Dropout(config.dropout),
-            nn.Linear(c3 * 25, config.num_classes),
-        )
-
-    def forward(self, images):
-        x = (images - PIXEL_MEAN) / PIXEL_STD
-        return self.classifier(self.features(x))
-
-    @torch.no_grad()
-    def fuse_batchnorm_(self):
-        """For inference only: BatchNorm folded into the convolutions (see bench.py)."""
-        fuse_batchnorm_(self.eval().features)
-        return self
+        classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c3 * 25, num_classes))  # (N, c3*25)
+        return features, classifier
 
 
 @register("deotte")
-class KaggleCNN(nn.Module):
+class KaggleCNN(DigitCNN):
     """The CNN of Chris Deotte's 15-net Kaggle ensemble (0.99757), in PyTorch: strided 5x5
-    convolutions instead of pooling, heavy dropout, a 128-unit dense layer.
-
-    widths (w1, w2, dense): two valid 3x3 convs and a stride-2 5x5 conv at w1, the same at w2.
-    """
+    convolutions instead of pooling, heavy dropout, a dense layer. widths (w1, w2, dense):
+    two valid 3x3 convs and a stride-2 5x5 conv at w1, the same at w2. 326k parameters."""
     DEFAULT_WIDTHS, DEFAULT_DROPOUT = (32, 64, 128), 0.4
 
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        if len(config.widths) != 3:
-            raise ValueError(f"the deotte architecture takes 3 widths, got {len(config.widths)}")
-        self.config = config
-        w1, w2, dense = config.widths
-        self.features = nn.Sequential(
+    @staticmethod
+    def layers(w1, w2, dense, dropout, num_classes):
+        features = nn.Sequential(
             *conv_bn_relu(1, w1, padding=0), *conv_bn_relu(w1, w1, padding=0),  # (N, w1, 24, 24)
-            *conv_bn_relu(w1, w1, kernel=5, stride=2, padding=2), nn.Dropout(config.dropout),  # (N, w1, 12, 12)
+            *conv_bn_relu(w1, w1, kernel=5, stride=2, padding=2), nn.Dropout(dropout),  # (N, w1, 12, 12)
             *conv_bn_relu(w1, w2, padding=0), *conv_bn_relu(w2, w2, padding=0),  # (N, w2, 8, 8)
-            *conv_bn_relu(w2, w2, kernel=5, stride=2, padding=2), nn.Dropout(config.dropout),  # (N, w2, 4, 4)
+            *conv_bn_relu(w2, w2, kernel=5, stride=2, padding=2), nn.Dropout(dropout),  # (N, w2, 4, 4)
         )
-        self.classifier = nn.Sequential(
+        classifier = nn.Sequential(
             nn.Flatten(),  # (N, w2 * 16)
             nn.Linear(w2 * 16, dense, bias=False), nn.BatchNorm1d(dense), nn.ReLU(inplace=True),
-            nn.Dropout(config.dropout), nn.Linear(dense, config.num_classes),
+            nn.Dropout(dropout), nn.Linear(dense, num_classes),
         )
-
-    def forward(self, images):
-        x = (images - PIXEL_MEAN) / PIXEL_STD
-        return self.classifier(self.features(x))
-
-    @torch.no_grad()
-    def fuse_batchnorm_(self):
-        fuse_batchnorm_(self.eval().features)
-        return self
+        return features, classifier
 
 
 def build_model(config: ModelConfig) -> nn.Module:
