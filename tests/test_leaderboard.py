@@ -1,6 +1,7 @@
 """Ensembles, test-time augmentation and full-data refits, on tiny synthetic data."""
 
 import pandas as pd
+import pytest
 import torch
 
 import inference
@@ -43,13 +44,53 @@ def test_full_train_uses_every_row_and_says_so(kaggle_dir, tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / "s.csv")) == 120
 
 
-def test_best_preset_has_tta_that_a_flag_turns_off():
-    best = main.parse_args(["--preset", "best"])[1].ensemble
-    assert (best.ensemble, best.tta, best.full_train) == (5, True, False)
-    plain = main.parse_args(["--preset", "best", "--no-tta", "--full-train"])[1].ensemble
-    assert (plain.ensemble, plain.tta, plain.full_train) == (5, False, True)
-    default = main.parse_args(["--tta"])[1].ensemble
-    assert (default.ensemble, default.tta, default.full_train) == (1, True, False)
+def test_presets_and_the_flags_that_override_them():
+    best = main.parse_args(["--preset", "best"])[1]
+    assert (best.ensemble.folds, best.ensemble.mix, best.ensemble.tta, best.train.epochs) == (5, "deotte", True, 30)
+    plain = main.parse_args(["--preset", "best", "--no-tta", "--folds", "3", "--mix", "none"])[1].ensemble
+    assert (plain.folds, plain.mix, plain.tta) == (3, "none", False)
+    fast = main.parse_args(["--preset", "fast"])[1]
+    assert (fast.train.epochs, fast.ensemble.tta) == (4, False)
+    assert main.parse_args(["--preset", "fast", "--epochs", "2"])[1].train.epochs == 2
+
+
+@pytest.mark.parametrize("argv", [["--folds", "1"], ["--folds", "3", "--ensemble", "2"], ["--folds", "3", "--full-train"]])
+def test_folds_that_cannot_work_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main.parse_args(argv)
+    assert stop.value.code == 2 and "--folds K takes K >= 2" in capsys.readouterr().err
+
+
+def test_folds_predict_every_row_out_of_fold_with_two_architectures(kaggle_dir, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert main.main(["--data", str(kaggle_dir), "--folds", "2", "--mix", "deotte", "--epochs", "1",
+                      "--batch-size", "32", "--checkpoint-dir", str(ck), "--submission", str(tmp_path / "s.csv"),
+                      "--report", str(tmp_path / "r")]) == 0
+    assert "out-of-fold accuracy (2 folds" in capsys.readouterr().out
+    states = [load_checkpoint(str(ck / f"member{k}" / "best.pt")) for k in (1, 2)]
+    assert [s["model_config"]["arch"] for s in states] == ["cnn", "deotte"]
+    assert [s["epoch"] for s in states] == [1, 1]  # the last epoch, not one picked on the held-out fold
+    per_class = pd.read_csv(tmp_path / "r" / "per_class_accuracy.csv")
+    assert per_class["images"].sum() == 600  # every train.csv row, each predicted out of fold
+    assert inference.main(["--checkpoint", *(str(ck / f"member{k}" / "best.pt") for k in (1, 2)), "--tta",
+                           "--input", str(kaggle_dir), "--output", str(tmp_path / "inf.csv")]) == 0
+    assert (tmp_path / "s.csv").read_bytes() == (tmp_path / "inf.csv").read_bytes()
+
+
+def test_kfold_split_covers_every_row_once_and_keeps_digit_shares():
+    from ensemble import kfold_split
+    labels = make_digits(1000)[1]
+    folds = kfold_split(labels, 5, seed=0)
+    assert sorted(torch.cat(folds).tolist()) == list(range(1000))
+    assert all(torch.bincount(labels[f], minlength=10).tolist() == [20] * 10 for f in folds)
+
+
+def test_pseudo_labels_keep_only_confident_test_images():
+    from ensemble import pseudo_labelled
+    images = make_digits(4)[0]
+    probs = torch.tensor([[0.9] + [0.1 / 9] * 9, [0.5, 0.5] + [0.0] * 8, [0.0] * 9 + [1.0], [0.1] * 10])
+    extra = pseudo_labelled(images, probs, threshold=0.85)
+    assert extra.labels.tolist() == [0, 9] and torch.equal(extra.images, images[[0, 2]])
 
 
 def test_ema_tracks_weights_with_its_decay():
