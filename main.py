@@ -14,9 +14,10 @@ Usage:
 From Python (a notebook cell): `from main import run; results = run(preset="fast", epochs=3)`
 takes the flags as keyword arguments, returns the results and raises on bad input.
 
-After training, reports/ holds learning curves, the validation confusion matrix, the
-most confident mistakes, augmented samples and per_class_accuracy.csv for the submitted
-predictor (not under --full-train, which leaves no validation split).
+After training, reports/index.html shows the run on one page: learning curves, the
+confusion matrix, per-class accuracy, every mistake with its train.csv line, the test
+set's least confident images and the recipe (not under --full-train, which leaves no
+validation split).
 Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.csv -m "..."
 """
 
@@ -272,6 +273,8 @@ def run(log=print, **flags):
     """
     argv = []
     for name, value in flags.items():
+        if value is None:  # as if not given
+            continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else f"--no-{name.replace('_', '-')}")
