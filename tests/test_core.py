@@ -1,7 +1,6 @@
 """Behaviour of the suite end to end: data, augmentation, model, checkpoints, submission, CLI."""
 
 import os
-import zipfile
 
 import pandas as pd
 import pytest
@@ -10,7 +9,7 @@ import torch
 import inference
 import main
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import SHARED_ZIP, make_digits, small_recipe
+from conftest import make_digits, needs_real_data, real_csv_head, small_recipe
 from dataloader import AugmentConfig, DigitDataset, augment, stratified_split, warp
 from inference import predict_logits
 from trainer import evaluate, train
@@ -122,15 +121,12 @@ def test_inference_cli_matches_main_submission(kaggle_dir, tmp_path):
     check_submission(tmp_path / "ens.csv", rows=120)
 
 
-@pytest.mark.skipif(not os.path.exists(SHARED_ZIP), reason="needs ../shared/data/digit-recognizer.zip")
+@needs_real_data
 def test_main_on_a_slice_of_the_real_data(tmp_path):
-    with zipfile.ZipFile(SHARED_ZIP) as archive:
-        train_rows = pd.read_csv(archive.open("train.csv"), nrows=1000)
-        test_rows = pd.read_csv(archive.open("test.csv"), nrows=300)
     data = tmp_path / "data"
     data.mkdir()
-    train_rows.to_csv(data / "train.csv", index=False)
-    test_rows.to_csv(data / "test.csv", index=False)
+    (data / "train.csv").write_bytes(real_csv_head("train.csv", 1000))
+    (data / "test.csv").write_bytes(real_csv_head("test.csv", 300))
     submission = tmp_path / "sub.csv"
     assert main.main(["--data", str(data), "--epochs", "1", "--batch-size", "64", "--checkpoint-dir",
                       str(tmp_path / "ck"), "--submission", str(submission), "--report", ""]) == 0

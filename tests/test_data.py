@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_ZIP, edit_cell, edit_line, good_lines, make_digits, write_csv
+from conftest import edit_cell, edit_line, good_lines, make_digits, needs_real_data, real_csv_head, write_csv
 from dataloader import (KAGGLE_INPUT_ENV, MAX_LINE_BYTES, DataError, check_training_set, find_data, iter_digit_csv,
                         load_test, load_train, stratified_split)
 
@@ -76,14 +76,11 @@ def test_lines_up_to_the_length_limit_read_across_blocks(tmp_path):
         load_train(str(path))
 
 
-@pytest.mark.skipif(not os.path.exists(SHARED_ZIP), reason="needs ../shared/data/digit-recognizer.zip")
+@needs_real_data
 def test_rows_of_the_real_kaggle_files_pass_the_checks(tmp_path):
-    with zipfile.ZipFile(SHARED_ZIP) as archive:
-        for name, labelled in (("train.csv", True), ("test.csv", False)):
-            with archive.open(name) as member:
-                head = b"".join(next(member) for _ in range(301))  # header + 300 rows
-            images = load(write(tmp_path / name, head), labelled)
-            assert len(images[0] if labelled else images) == 300
+    for name, labelled in (("train.csv", True), ("test.csv", False)):
+        images = load(write(tmp_path / name, real_csv_head(name, 300)), labelled)
+        assert len(images[0] if labelled else images) == 300
 
 
 # ----------------------------------------------------------------------------- bad CSV files
