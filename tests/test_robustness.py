@@ -285,6 +285,12 @@ def write_with_config(**config):
     return write
 
 
+def write_with_nan_weight(path, marker, good):
+    state = torch.load(good, weights_only=True)
+    state["model"]["classifier.2.weight"][3, 5] = float("nan")
+    torch.save(state, path)
+
+
 BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the error line must say)
     "malicious torch.save": (write_malicious_torch_save, "refused to load"),
     "malicious pickle": (write_malicious_pickle, "refused to load"),
@@ -299,17 +305,27 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
     "unknown config field": (write_with_config(depth=3), "unknown fields ['depth']"),
     "plain state_dict": (lambda path, marker, good: torch.save(DigitRecognizerModel(ModelConfig()).state_dict(), path),
                          "not a checkpoint written by this suite"),
+    "11 classes": (lambda path, marker, good: save_checkpoint(path, DigitRecognizerModel(ModelConfig(num_classes=11))),
+                   "cannot be used: it predicts 11 classes, not the 10 digits"),
+    "NaN weights": (write_with_nan_weight, "cannot be used: its weights hold NaN or Inf values"),
+    "widths 100000 with small tensors": (write_with_config(arch="cnn", widths=(100000, 100000, 100000)),
+                                         "cannot be used: widths (100000, 100000, 100000) are outside 1-1024"),
+    "widths 1024 with small tensors": (write_with_config(arch="cnn", widths=(1024, 1024, 1024)),
+                                       "cannot be used: features.0.weight is (16, 1, 3, 3), the config needs (1024,"),
 }
 
 
+@pytest.mark.parametrize("command", [inference, export], ids=["inference", "export"])
 @pytest.mark.parametrize("case", BAD_CHECKPOINTS)
-def test_bad_checkpoint_is_one_line_exit_2(capsys, tmp_path, out, case):
+def test_bad_checkpoint_is_one_line_exit_2(capsys, tmp_path, out, case, command):
     write, expected = BAD_CHECKPOINTS[case]
     path, marker = tmp_path / "model.pt", tmp_path / "pwned"
     write(path, marker, out / "ckpt" / "best.pt")
     before = snapshot(out)
-    code, _, err = cli(capsys, inference, *inference_argv(write_data(tmp_path / "data") / "test.csv", out)[2:],
-                       "--checkpoint", path)
+    argv = inference_argv(write_data(tmp_path / "data") / "test.csv", out)[2:]
+    if command is export:
+        argv = ["--output", out / "model.onnx"]
+    code, _, err = cli(capsys, command, *argv, "--checkpoint", path)
     assert_user_error(code, err, path, expected)
     assert not marker.exists() and snapshot(out) == before
 
