@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, save_checkpoint
-from cli import flatten_settings, setting
+from cli import flag_name, flatten_settings, setting, setting_fields
 from dataloader import AugmentConfig, DigitDataset, augment
 from files import atomic_write_text
 from inference import autocast, eval_batch_size, predict_logits
@@ -229,16 +229,17 @@ class RunState:
     epoch: int = 0
 
 
-def check_resumable(state, path, identity):
+def check_resumable(state, path, identity, flags=None):
     """CheckpointError unless last.pt `state` was written by a run with this `identity`
-    (the whole recipe, the member's seed and the data's fingerprint)."""
+    (the whole recipe, the member's seed and the data's fingerprint); `flags` names each setting's flag."""
     if "optimizer" not in state or "identity" not in state:
         raise CheckpointError(f"{path}: not the last.pt of a run of this suite; --resume continues the "
                               f"last.pt that an interrupted run left")
     for key, value in identity.items():
         saved = state["identity"].get(key)
         if saved != value:
-            what = "other data" if key == "data" else f"--{key.replace('_', '-')} {saved}, not {value}"
+            flag = (flags or {}).get(key, f"--{key.replace('_', '-')}")
+            what = "other data" if key == "data" else f"{flag} {saved}, not {value}"
             raise CheckpointError(f"{path}: was trained on another recipe or data ({what}); resume with the "
                                   f"same data and flags as the interrupted run, or start without --resume")
 
@@ -288,6 +289,7 @@ class Trainer:
         self.ema = EMA(model, self.config.ema) if self.config.ema else None
         self.paths = {name: os.path.join(checkpoint_dir, name) for name in ("last.pt", "best.pt", "history.csv")}
         self.identity = {**flatten_settings(recipe), "seed": seed, "data": data_fingerprint(train_set, val_set)}
+        self.flags = {field.name: flag_name(field) for _, field in setting_fields(recipe)}
         # Per-rank BatchNorm, not SyncBatchNorm: each rank normalises over its own batch, as is
         # standard for DDP. `model` stays unwrapped for evaluation, EMA and checkpoints.
         self.net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -302,7 +304,7 @@ class Trainer:
         """Continue from last.pt, after checking it belongs to this very run."""
         path = self.paths["last.pt"]
         saved = load_checkpoint(path, map_location=self.device)
-        check_resumable(saved, path, self.identity)
+        check_resumable(saved, path, self.identity, self.flags)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
