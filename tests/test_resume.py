@@ -13,7 +13,7 @@ import torch
 
 import main
 from DigitRecognizerModel import load_checkpoint
-from conftest import ROOT, cli, make_digits, write_csv
+from conftest import ROOT, assert_user_error, cli, make_digits, snapshot, write_csv
 
 EPOCHS = 4
 FLAGS = ["--epochs", str(EPOCHS), "--batch-size", "16", "--seed", "7", "--device", "cpu"]
@@ -138,13 +138,30 @@ def test_kill_9_while_writing_last_pt_then_resume_matches(data, reference, tmp_p
     assert_same_result(tmp_path, reference)
 
 
-def test_resume_with_other_flags_is_refused(capsys, data, reference, tmp_path):
+def other_data(folder):
+    write_csv(folder / "train.csv", *make_digits(200, seed=3))
+    write_csv(folder / "test.csv", make_digits(30, seed=2)[0])
+    return folder
+
+
+RESUME_CHANGES = {  # case: (flags, data folder for (data, tmp_path), what the line must say)
+    "--lr": (["--lr", "0.05"], lambda data, tmp: data, "(--lr 0.1, not 0.05)"),
+    "--ema": (["--ema", "0.9"], lambda data, tmp: data, "(--ema 0.0, not 0.9)"),
+    "--elastic": (["--elastic", "3"], lambda data, tmp: data, "(--elastic 0.0, not 3.0)"),
+    "other data": ([], lambda data, tmp: other_data(tmp), "(other data)"),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CHANGES)
+def test_resume_with_other_flags_or_data_is_refused(capsys, data, reference, tmp_path, case):
+    flags, data_for, expected = RESUME_CHANGES[case]
     out = tmp_path / "copy"
     (out / "ckpt").mkdir(parents=True)
     (out / "ckpt" / "last.pt").write_bytes((reference / "ckpt" / "last.pt").read_bytes())
-    code, _, err = cli(capsys, main, *argv(data, out, "--resume", "--lr", "0.05"))
-    assert code == 2 and len(err) == 1 and "resume with the same data and flags" in err[0]
-    assert (out / "ckpt" / "last.pt").read_bytes() == (reference / "ckpt" / "last.pt").read_bytes()
+    before = snapshot(out)
+    code, stdout, err = cli(capsys, main, *argv(data_for(data, tmp_path), out, "--resume", *flags))
+    assert_user_error(code, err, out / "ckpt" / "last.pt", expected, "resume with the same data and flags")
+    assert "epoch" not in stdout and snapshot(out) == before
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
