@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import main
+import trainer
 from DigitRecognizerModel import load_checkpoint
 from conftest import ROOT, assert_user_error, cli, make_digits, snapshot, write_csv
 
@@ -124,6 +125,7 @@ torch.save = save_or_die
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(sys.argv[0]))
 import main
+import trainer
 sys.exit(main.main())
 """
 
@@ -180,3 +182,84 @@ def test_interrupt_leaves_a_resumable_run_and_says_how(data, reference, tmp_path
                              capture_output=True, text=True, env=ENV, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_result(tmp_path, reference)
+
+
+# ----------------------------------------------------------------------------- in-process interrupts, tiny models
+
+TINY = ["--epochs", "2", "--batch-size", "32", "--widths", "4", "8", "8", "--report", "", "--seed", "3", "--device", "cpu"]
+
+
+def tiny_argv(data, out, *extra):
+    return ["--data", data, "--checkpoint-dir", out / "ckpt", "--submission", out / "sub.csv", *TINY, *extra]
+
+
+def interrupt_at_epoch(monkeypatch, number):
+    """Ctrl-C as the `number`-th epoch of the process starts (counting every member's epochs);
+    returns the list of epochs actually started, which keeps growing afterwards."""
+    started, run_epoch = [], trainer.Trainer.run_epoch
+
+    def run_or_interrupt(self, epoch, bar):
+        started.append(epoch)
+        if len(started) == number:
+            raise KeyboardInterrupt
+        return run_epoch(self, epoch, bar)
+    monkeypatch.setattr(trainer.Trainer, "run_epoch", run_or_interrupt)
+    return started
+
+
+def weights(path):
+    state = load_checkpoint(path)
+    return {f"{key}.{name}": t for key in ("model", "ema") if state.get(key) for name, t in state[key].items()}
+
+
+def assert_same_weights(path, reference_path):
+    state, reference_state = weights(path), weights(reference_path)
+    assert state.keys() == reference_state.keys()
+    assert all(torch.equal(state[k], reference_state[k]) for k in state), f"{path} differs from {reference_path}"
+
+
+def test_ema_and_elastic_run_end_to_end_and_resume_exactly(capsys, data, tmp_path, monkeypatch):
+    flags = ["--ema", "0.9", "--elastic", "3"]
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "whole", *flags))[0] == 0
+    whole = tmp_path / "whole" / "ckpt"
+    saved = load_checkpoint(whole / "last.pt")
+    assert saved["ema"] and (saved["identity"]["ema"], saved["identity"]["elastic_alpha"]) == (0.9, 3.0)
+    interrupt_at_epoch(monkeypatch, 2)
+    code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", *flags))
+    assert code == 130 and err[-1].startswith("interrupted; resume with: python main.py --resume ")
+    monkeypatch.undo()
+    code, stdout, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", *flags, "--resume"))
+    assert (code, err) == (0, []) and "after epoch 1/2" in stdout
+    for name in ("last.pt", "best.pt"):  # best.pt holds the EMA weights
+        assert_same_weights(tmp_path / "cut" / "ckpt" / name, whole / name)
+    assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
+
+
+def test_resumed_ensemble_continues_the_member_cut_off_and_starts_the_ones_never_begun(capsys, data, tmp_path,
+                                                                                       monkeypatch):
+    flags = ["--ensemble", "3"]
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "whole", *flags))[0] == 0
+    interrupt_at_epoch(monkeypatch, 4)  # member 1: epochs 1-2, member 2: epoch 1, then Ctrl-C
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "cut", *flags))[0] == 130
+    cut = tmp_path / "cut" / "ckpt"
+    assert [load_checkpoint(cut / m / "last.pt")["epoch"] for m in ("member1", "member2")] == [2, 1]
+    assert not (cut / "member3").exists()
+    monkeypatch.undo()
+    started = interrupt_at_epoch(monkeypatch, 0)  # 0: never, just count
+    code, stdout, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", *flags, "--resume"))
+    assert (code, err) == (0, [])
+    assert started == [1, 0, 1]  # member 2's second epoch, then all of member 3; nothing done twice
+    assert f"resumed from {cut / 'member2' / 'last.pt'} after epoch 1/2" in stdout
+    for member in ("member1", "member2", "member3"):
+        assert_same_weights(cut / member / "last.pt", tmp_path / "whole" / "ckpt" / member / "last.pt")
+    assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
+
+
+def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main, "load_data", interrupted)  # Ctrl-C while reading the CSVs
+    code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path))
+    assert code == 130
+    assert err[-1] == "interrupted before the first checkpoint; start again with the same command"
+    assert not (tmp_path / "ckpt").exists()
