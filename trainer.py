@@ -283,9 +283,12 @@ class Trainer:
         self.max_val_batches = 1 if max_steps_per_epoch else 0
         self.optimizer = torch.optim.SGD(model.parameters(), lr=self.config.lr, momentum=self.config.momentum,
                                          nesterov=True, weight_decay=self.config.weight_decay)
+        total_steps = self.config.epochs * self.batches.steps
+        # OneCycleLR divides by zero when the warmup is exactly one step (e.g. 5 steps at 0.2): nudge it.
+        warmup = self.config.warmup * (1.001 if self.config.warmup * total_steps == 1 else 1)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=self.config.lr, total_steps=self.config.epochs * self.batches.steps,
-            pct_start=self.config.warmup, div_factor=10, final_div_factor=100)
+            self.optimizer, max_lr=self.config.lr, total_steps=total_steps,
+            pct_start=warmup, div_factor=10, final_div_factor=100)
         self.ema = EMA(model, self.config.ema) if self.config.ema else None
         self.paths = {name: os.path.join(checkpoint_dir, name) for name in ("last.pt", "best.pt", "history.csv")}
         self.identity = {**flatten_settings(recipe), "seed": seed, "data": data_fingerprint(train_set, val_set)}
