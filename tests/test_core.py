@@ -168,3 +168,13 @@ def test_inference_missing_checkpoint_exits_2(kaggle_dir, tmp_path, capsys):
                            "--output", str(tmp_path / "s.csv")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "nope.pt" in err and len(err.splitlines()) == 1 and not (tmp_path / "s.csv").exists()
+
+
+def test_training_whose_warmup_is_exactly_one_step_runs(tmp_path):
+    """5 steps at --warmup 0.2: torch's OneCycleLR divided by zero here."""
+    images, labels = make_digits(200)
+    data = DigitDataset(images, labels)
+    recipe = small_recipe(epochs=1, batch_size=32, warmup=0.2, widths=(4, 8, 8))
+    history = train(DigitRecognizerModel(ModelConfig(widths=(4, 8, 8))), data.subset(torch.arange(160)),
+                    data.subset(torch.arange(160, 200)), recipe, CPU, str(tmp_path), log=lambda *_: None)
+    assert len(history) == 1
