@@ -118,6 +118,15 @@ def kaggle_dir(tmp_path):
 
 
 @pytest.fixture
+def kaggle_input(tmp_path, monkeypatch):
+    """A simulated Kaggle Notebook input root (empty until a test fills it), so /kaggle/input is never read."""
+    from dataloader import KAGGLE_INPUT_ENV
+    root = tmp_path / "kaggle-input"
+    monkeypatch.setenv(KAGGLE_INPUT_ENV, str(root))
+    return root
+
+
+@pytest.fixture
 def one_thread():
     """Train on one thread: on the 2 shared, busy cores a second OpenMP thread mostly waits for
     CPU time, and each step then takes ~40x longer. Subprocesses get OMP_NUM_THREADS=1."""

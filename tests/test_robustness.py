@@ -65,7 +65,7 @@ def write_data(folder, train=None, test=None):
 def source_without(tmp_path, kind, missing):
     """A --data/--input path that lacks `missing` ('train.csv' or 'test.csv'): (path, message)."""
     if kind == "path that does not exist":
-        return tmp_path / "nowhere", "no such file or folder"
+        return tmp_path / "nowhere", "no such file or folder; check the path, or get the data with `kaggle competitions"
     if kind == "zip without it":
         path = tmp_path / "digit-recognizer.zip"
         with zipfile.ZipFile(path, "w") as archive:
