@@ -12,7 +12,7 @@ from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpo
 from conftest import make_digits, needs_real_data, real_csv_head, small_recipe
 from dataloader import AugmentConfig, DigitDataset, augment, stratified_split, warp
 from inference import predict_logits
-from trainer import evaluate, train
+from trainer import BatchSource, evaluate, train
 
 CPU = torch.device("cpu")
 NO_AUGMENT = AugmentConfig(rotate_deg=0, scale=0, shear=0, shift=0)
@@ -28,25 +28,49 @@ def test_stratified_split_is_seeded_disjoint_and_balanced():
     assert not torch.equal(stratified_split(labels, 0.1, seed=4)[1], val_idx)
 
 
-def test_augmentation_at_zero_strength_is_identity_and_keeps_labels():
-    images, labels = make_digits(64)
-    x = images.float() / 255
-    generator = torch.Generator().manual_seed(0)
-    assert torch.equal(augment(x, NO_AUGMENT, generator), x)
+def test_augmentation_at_zero_strength_is_identity():
+    x = make_digits(64)[0].float() / 255
+    assert torch.equal(augment(x, NO_AUGMENT, torch.Generator().manual_seed(0)), x)
     # The warp itself is exact at zero: the same sampling grid the random path uses.
     assert torch.allclose(warp(x), x, atol=1e-5)
-    warped = augment(x, AugmentConfig(), generator)
-    assert warped.shape == x.shape and not torch.allclose(warped, x)
-    assert 0 <= warped.min() and warped.max() <= 1 + 1e-6
-    # A warp moves pixels, never which image (and so which label) is where: the trained
-    # model still recognises most augmented digits (checked in the learning test).
 
 
-def test_elastic_augmentation_changes_images_but_keeps_them_in_range():
-    x = make_digits(16)[0].float() / 255
-    elastic = AugmentConfig(rotate_deg=0, scale=0, shear=0, shift=0, elastic_alpha=2.0)
-    warped = augment(x, elastic, torch.Generator().manual_seed(0))
-    assert not torch.allclose(warped, x) and 0 <= warped.min() and warped.max() <= 1 + 1e-6
+def brightness_coded_digits(n):
+    """Flat images whose grey level encodes the label (30 + 20 * label): any warp keeps the centre's level."""
+    labels = torch.arange(n) % 10
+    images = (30 + 20 * labels).to(torch.uint8).view(n, 1, 1, 1).expand(n, 1, 28, 28).contiguous()
+    return DigitDataset(images, labels)
+
+
+@pytest.mark.parametrize("config", [NO_AUGMENT, AugmentConfig(), AugmentConfig(elastic_alpha=3.0)],
+                         ids=["zero strength", "default", "default and elastic"])
+def test_augmented_batches_keep_each_image_with_its_label(config):
+    dataset = brightness_coded_digits(100)
+    batches = BatchSource(dataset, 32, config, seed=1, device=CPU)
+    seen = []
+    for images, labels in batches.epoch(0):
+        assert images.shape == (32, 1, 28, 28) and 0 <= images.min() and images.max() <= 1 + 1e-6
+        centre_labels = ((images[:, 0, 14, 14] * 255 - 30) / 20).round().long()
+        assert torch.equal(centre_labels, labels)
+        seen += labels.tolist()
+    assert len(seen) == 96 and seen != dataset.labels[:96].tolist()  # shuffled, and still paired
+    if config.enabled:  # and really warped: the border is no longer flat
+        assert not torch.equal(images[:, :, 0, :], images[:, :, 0, :1].expand(-1, -1, 28))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 3.0])
+def test_elastic_moves_a_pixel_by_at_most_alpha_pixels(alpha):
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 14, 14] = 1
+    elastic = AugmentConfig(rotate_deg=0, scale=0, shear=0, shift=0, elastic_alpha=alpha, elastic_sigma=4.0)
+    warped = augment(x, elastic, torch.Generator().manual_seed(0))[:, 0]
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    lit = warped > 1e-6  # bilinear sampling lights the pixels whose source is within 1 px of (14, 14)
+    distance = torch.maximum((rows - 14).abs(), (cols - 14).abs()).expand_as(lit)[lit]
+    assert distance.max() < alpha + 1  # the field is at most alpha pixels in each direction
+    mass = warped.sum((1, 2))
+    centre = torch.stack([(warped * rows).sum((1, 2)), (warped * cols).sum((1, 2))], 1) / mass[:, None]
+    assert (centre - 14).abs().max() > alpha / 2  # and it does move pixels, by a good part of alpha
 
 
 def train_small(tmp_path, epochs=4, seed=0, augment_config=None):
