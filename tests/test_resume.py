@@ -87,13 +87,14 @@ def start_and_wait(data, out, until):
     return process
 
 
-def resume(data, out, *extra):
-    done = subprocess.run(command(data, out, "--resume", *extra), capture_output=True, text=True, env=ENV, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return done
+def resume(capsys, *resume_argv):
+    """Resume in this process (one thread, as the killed process had); returns its stdout."""
+    code, stdout, err = cli(capsys, main, *resume_argv)
+    assert (code, err) == (0, [])
+    return stdout
 
 
-def test_kill_9_in_the_first_epoch_then_resume_matches_an_uninterrupted_run(data, reference, tmp_path):
+def test_kill_9_in_the_first_epoch_then_resume_matches_an_uninterrupted_run(capsys, data, reference, tmp_path):
     # last.pt of epoch 0 is written just before training starts (after the first epoch: see the
     # SIGTERM test and the kill -9 while writing last.pt after epoch 2)
     process = start_and_wait(data, tmp_path, until=lambda out: (out / "ckpt" / "last.pt").exists())
@@ -102,8 +103,8 @@ def test_kill_9_in_the_first_epoch_then_resume_matches_an_uninterrupted_run(data
     assert process.returncode == -signal.SIGKILL
     killed_after = load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"]
     assert killed_after < EPOCHS
-    done = resume(data, tmp_path)
-    assert f"resumed from {tmp_path / 'ckpt' / 'last.pt'} after epoch {killed_after}/{EPOCHS}" in done.stdout
+    stdout = resume(capsys, *argv(data, tmp_path, "--resume"))
+    assert f"resumed from {tmp_path / 'ckpt' / 'last.pt'} after epoch {killed_after}/{EPOCHS}" in stdout
     assert epochs_done(tmp_path) == EPOCHS
     assert_same_result(tmp_path, reference)
 
@@ -126,13 +127,13 @@ sys.exit(main.main())
 """
 
 
-def test_kill_9_while_writing_last_pt_then_resume_matches(data, reference, tmp_path):
+def test_kill_9_while_writing_last_pt_then_resume_matches(capsys, data, reference, tmp_path):
     done = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING_EPOCH_2, *command(data, tmp_path)[1:]],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 1  # the torn write never replaced it
     assert any(name.startswith(".tmp-") for name in os.listdir(tmp_path / "ckpt"))  # it is there, aside
-    resume(data, tmp_path)
+    resume(capsys, *argv(data, tmp_path, "--resume"))
     assert_same_result(tmp_path, reference)
 
 
@@ -162,7 +163,7 @@ def test_resume_with_other_flags_or_data_is_refused(capsys, data, reference, tmp
     assert "epoch" not in stdout and snapshot(out) == before
 
 
-def test_sigterm_leaves_a_resumable_run_and_says_how(data, reference, tmp_path):
+def test_sigterm_leaves_a_resumable_run_and_says_how(capsys, data, reference, tmp_path):
     """SIGTERM stops like Ctrl-C (KeyboardInterrupt, tested in-process below), in a real process."""
     process = start_and_wait(data, tmp_path, until=lambda out: epochs_done(out) >= 1)
     process.send_signal(signal.SIGTERM)
@@ -174,9 +175,7 @@ def test_sigterm_leaves_a_resumable_run_and_says_how(data, reference, tmp_path):
     assert 1 <= load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] < EPOCHS
     python, script, *resume_argv = shlex.split(how.split("resume with: ", 1)[1])  # run what it says
     assert (python, script) == ("python", "main.py")
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, script), *resume_argv],
-                             capture_output=True, text=True, env=ENV, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resume(capsys, *resume_argv)
     assert_same_result(tmp_path, reference)
 
 
