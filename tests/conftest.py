@@ -126,10 +126,11 @@ def kaggle_input(tmp_path, monkeypatch):
     return root
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Train on one thread: on the 2 shared, busy cores a second OpenMP thread mostly waits for
-    CPU time, and each step then takes ~40x longer. Subprocesses get OMP_NUM_THREADS=1."""
+    """Every test on one thread: on 2 shared, busy cores a second OpenMP thread mostly waits for
+    CPU time, and each step then takes ~40x longer (the tiny models gain nothing from a second
+    thread on idle cores either). Subprocesses get OMP_NUM_THREADS=1."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

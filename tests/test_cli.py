@@ -17,7 +17,6 @@ from cli import UserError, flag_name, setting_fields
 from conftest import assert_user_error, cli, make_digits, snapshot, write_csv
 from recipe import Recipe
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--epochs", "1", "--widths", "4", "8", "8", "--batch-size", "32", "--report", "", "--device", "cpu"]
 
 

@@ -115,7 +115,7 @@ def test_dry_run_writes_nothing_and_leaves_a_real_run_alone(kaggle_dir, tmp_path
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(content)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    assert main.main(["--data", str(kaggle_dir), "--dry-run", "--checkpoint-dir", "ck"]) == 0
+    assert main.main(["--data", str(kaggle_dir), "--dry-run", "--checkpoint-dir", "ck", "--widths", "4", "8", "8"]) == 0
     assert "dry run: everything worked" in capsys.readouterr().out
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     assert all((tmp_path / name).read_bytes() == content for name, content in real_run.items())

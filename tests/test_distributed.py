@@ -39,7 +39,6 @@ def train(data_dir, out, launcher, *extra):
     return result
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_two_processes_match_one(data_dir, tmp_path, capsys):
     result = train(data_dir, tmp_path / "ddp", TORCHRUN)
     single = tmp_path / "single"

@@ -19,7 +19,6 @@ from conftest import ROOT, assert_user_error, cli, make_digits, snapshot, write_
 EPOCHS = 4
 FLAGS = ["--epochs", str(EPOCHS), "--batch-size", "16", "--seed", "7", "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as the one_thread fixture
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

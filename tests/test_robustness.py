@@ -26,8 +26,6 @@ from DigitRecognizerModel import CheckpointError
 from files import OutputError
 from dataloader import DigitDataset, augment
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # ----------------------------------------------------------------------------- helpers
 
