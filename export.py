@@ -23,6 +23,7 @@ nothing and exits 1. Use it without torch, e.g. on test.csv rows `pixels` (N, 78
 
 import importlib
 import io
+import math
 import sys
 import time
 import warnings
@@ -170,8 +171,8 @@ def parse_args(argv):
     parser.add_argument("--opset", type=int, default=OPSET, choices=range(13, 24), metavar="13-23",
                         help=f"ONNX opset version; the exporter here writes 13 to 23 (default: {OPSET})")
     args = parser.parse_args(argv)
-    if args.check < 0 or args.tolerance <= 0:
-        parser.error("--check must be at least 0 and --tolerance above 0")
+    if args.check < 0 or not 0 < args.tolerance < math.inf:  # nan compares false: it would pass every check
+        parser.error("--check must be at least 0 and --tolerance a finite number above 0")
     return args
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, save_checkpoint
-from cli import flatten_settings, setting
+from cli import flag_name, flatten_settings, setting, setting_fields
 from dataloader import AugmentConfig, DigitDataset, augment
 from files import atomic_write_text
 from inference import autocast, eval_batch_size, predict_logits
@@ -237,16 +237,17 @@ class RunState:
     epoch: int = 0
 
 
-def check_resumable(state, path, identity):
+def check_resumable(state, path, identity, flags=None):
     """CheckpointError unless last.pt `state` was written by a run with this `identity`
-    (the whole recipe, the member's seed and the data's fingerprint)."""
+    (the whole recipe, the member's seed and the data's fingerprint); `flags` names each setting's flag."""
     if "optimizer" not in state or "identity" not in state:
         raise CheckpointError(f"{path}: not the last.pt of a run of this suite; --resume continues the "
                               f"last.pt that an interrupted run left")
     for key, value in identity.items():
         saved = state["identity"].get(key)
         if saved != value:
-            what = "other data" if key == "data" else f"--{key.replace('_', '-')} {saved}, not {value}"
+            flag = (flags or {}).get(key, f"--{key.replace('_', '-')}")
+            what = "other data" if key == "data" else f"{flag} {saved}, not {value}"
             raise CheckpointError(f"{path}: was trained on another recipe or data ({what}); resume with the "
                                   f"same data and flags as the interrupted run, or start without --resume")
 
@@ -291,12 +292,16 @@ class Trainer:
         self.max_val_batches = 1 if max_steps_per_epoch else 0
         self.optimizer = torch.optim.SGD(model.parameters(), lr=self.config.lr, momentum=self.config.momentum,
                                          nesterov=True, weight_decay=self.config.weight_decay)
+        total_steps = self.config.epochs * self.batches.steps
+        # OneCycleLR divides by zero when the warmup is exactly one step (e.g. 5 steps at 0.2): nudge it.
+        warmup = self.config.warmup * (1.001 if self.config.warmup * total_steps == 1 else 1)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=self.config.lr, total_steps=self.config.epochs * self.batches.steps,
-            pct_start=self.config.warmup, div_factor=10, final_div_factor=100)
+            self.optimizer, max_lr=self.config.lr, total_steps=total_steps,
+            pct_start=warmup, div_factor=10, final_div_factor=100)
         self.ema = EMA(model, self.config.ema) if self.config.ema else None
         self.paths = {name: os.path.join(checkpoint_dir, name) for name in ("last.pt", "best.pt", "history.csv")}
         self.identity = {**flatten_settings(recipe), "seed": seed, "data": data_fingerprint(train_set, val_set)}
+        self.flags = {field.name: flag_name(field) for _, field in setting_fields(recipe)}
         # Per-rank BatchNorm, not SyncBatchNorm: each rank normalises over its own batch, as is
         # standard for DDP. `model` stays unwrapped for evaluation, EMA and checkpoints.
         self.net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -311,7 +316,7 @@ class Trainer:
         """Continue from last.pt, after checking it belongs to this very run."""
         path = self.paths["last.pt"]
         saved = load_checkpoint(path, map_location=self.device)
-        check_resumable(saved, path, self.identity)
+        check_resumable(saved, path, self.identity, self.flags)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])

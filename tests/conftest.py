@@ -1,5 +1,7 @@
-"""Small synthetic Digit Recognizer data, written in Kaggle's CSV format."""
+"""Small synthetic Digit Recognizer data, written in Kaggle's CSV format; the real data when present;
+helpers for checking user errors."""
 
+import contextlib
 import functools
 import os
 import signal
@@ -14,6 +16,32 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_ZIP = os.path.join(ROOT, "..", "shared", "data", "digit-recognizer.zip")
+
+
+def find_real_data():
+    """The real Kaggle data, found as the command line finds it: ../shared/data/digit-recognizer.zip,
+    else the user's own data/ in the repository root (the CSVs or the Kaggle zip); None when absent."""
+    from dataloader import DataError, find_data
+    if os.path.exists(SHARED_ZIP):
+        return SHARED_ZIP
+    with contextlib.chdir(ROOT):
+        try:
+            return os.path.join(ROOT, find_data(kaggle_root=os.path.join(ROOT, "no-kaggle-input")))
+        except DataError:
+            return None
+
+
+REAL_DATA = find_real_data()
+needs_real_data = pytest.mark.skipif(REAL_DATA is None, reason="needs ../shared/data/digit-recognizer.zip or "
+                                                               "the Kaggle data in data/")
+
+
+def real_csv_head(name, rows):
+    """The header and first `rows` rows of the real train.csv or test.csv, as bytes."""
+    from dataloader import resolve_csv
+    _, opener = resolve_csv(REAL_DATA, name)
+    with opener() as f:
+        return b"".join(next(f) for _ in range(rows + 1))
 
 
 def make_digits(n, seed=0):
@@ -90,9 +118,19 @@ def kaggle_dir(tmp_path):
 
 
 @pytest.fixture
+def kaggle_input(tmp_path, monkeypatch):
+    """A simulated Kaggle Notebook input root (empty until a test fills it), so /kaggle/input is never read."""
+    from dataloader import KAGGLE_INPUT_ENV
+    root = tmp_path / "kaggle-input"
+    monkeypatch.setenv(KAGGLE_INPUT_ENV, str(root))
+    return root
+
+
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Train on one thread: on the 2 shared, busy cores a second OpenMP thread mostly waits for
-    CPU time, and each step then takes ~40x longer. Subprocesses get OMP_NUM_THREADS=1."""
+    """Every test on one thread: on 2 shared, busy cores a second OpenMP thread mostly waits for
+    CPU time, and each step then takes ~40x longer (the tiny models gain nothing from a second
+    thread on idle cores either). Subprocesses get OMP_NUM_THREADS=1."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -108,3 +146,18 @@ def cli(capsys, module, *argv):
         signal.signal(signal.SIGTERM, sigterm)
     out, err = capsys.readouterr()
     return code, out, err.strip().splitlines()
+
+
+def assert_user_error(code, err, *fragments):
+    """Exit 2 with one stderr line (so no traceback) starting "error: " and naming every fragment."""
+    assert code == 2, err
+    assert len(err) == 1, err  # one line, so no traceback
+    assert err[0].startswith("error: "), err
+    for fragment in fragments:
+        assert str(fragment) in err[0]
+
+
+def snapshot(folder):
+    """{relative path: (bytes, mtime_ns)} of every file under `folder`, temp files included."""
+    files = [Path(d, name) for d, _, names in os.walk(folder) for name in names]
+    return {str(f.relative_to(folder)): (f.read_bytes(), f.stat().st_mtime_ns) for f in files}

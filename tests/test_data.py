@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_ZIP, edit_cell, edit_line, good_lines, make_digits, write_csv
-from dataloader import (KAGGLE_INPUT_ENV, MAX_LINE_BYTES, DataError, check_training_set, find_data, iter_digit_csv,
+from conftest import edit_cell, edit_line, good_lines, make_digits, needs_real_data, real_csv_head, write_csv
+from dataloader import (MAX_LINE_BYTES, DataError, check_training_set, find_data, iter_digit_csv,
                         load_test, load_train, stratified_split)
 
 PAST_INT64 = "18446744073709551616"  # 2**64: overflows every integer type pandas parses into
@@ -76,14 +76,11 @@ def test_lines_up_to_the_length_limit_read_across_blocks(tmp_path):
         load_train(str(path))
 
 
-@pytest.mark.skipif(not os.path.exists(SHARED_ZIP), reason="needs ../shared/data/digit-recognizer.zip")
+@needs_real_data
 def test_rows_of_the_real_kaggle_files_pass_the_checks(tmp_path):
-    with zipfile.ZipFile(SHARED_ZIP) as archive:
-        for name, labelled in (("train.csv", True), ("test.csv", False)):
-            with archive.open(name) as member:
-                head = b"".join(next(member) for _ in range(301))  # header + 300 rows
-            images = load(write(tmp_path / name, head), labelled)
-            assert len(images[0] if labelled else images) == 300
+    for name, labelled in (("train.csv", True), ("test.csv", False)):
+        images = load(write(tmp_path / name, real_csv_head(name, 300)), labelled)
+        assert len(images[0] if labelled else images) == 300
 
 
 # ----------------------------------------------------------------------------- bad CSV files
@@ -222,34 +219,10 @@ def test_unreadable_zip_is_one_line_naming_it_and_the_fix(tmp_path, case):
 
 # ----------------------------------------------------------------------------- finding the data
 
-@pytest.fixture
-def kaggle_input(tmp_path, monkeypatch):
-    """A simulated Kaggle Notebook input root (empty until a test fills it)."""
-    root = tmp_path / "kaggle-input"
-    monkeypatch.setenv(KAGGLE_INPUT_ENV, str(root))
-    return root
-
-
 def test_finds_data_folder_first(kaggle_dir, kaggle_input):
     shutil.copytree(kaggle_dir, kaggle_input / "digit-recognizer")
     assert find_data() == os.path.join("data", "")  # kaggle_dir is data/ in the current folder
     assert find_data(names=("test.csv",)) == os.path.join("data", "")
-
-
-def test_finds_the_zip_the_kaggle_cli_leaves_in_data(kaggle_dir, kaggle_input):
-    with zipfile.ZipFile(kaggle_dir / "digit-recognizer.zip", "w") as archive:
-        for name in ("train.csv", "test.csv"):
-            archive.write(kaggle_dir / name, name)
-            (kaggle_dir / name).unlink()
-    assert find_data() == os.path.join("data", "digit-recognizer.zip")
-
-
-def test_finds_kaggle_notebook_input(kaggle_dir, kaggle_input):
-    shutil.move(kaggle_dir, kaggle_input / "digit-recognizer")
-    (kaggle_input / "digit-recognizer" / "sample_submission.csv").write_text("ImageId,Label\n1,0\n")
-    found = find_data()
-    assert found == os.path.join(kaggle_input, "digit-recognizer", "")
-    assert len(load_train(found)[0]) == 600
 
 
 def test_kaggle_root_argument_overrides_the_environment(kaggle_dir, tmp_path, kaggle_input):
@@ -257,38 +230,6 @@ def test_kaggle_root_argument_overrides_the_environment(kaggle_dir, tmp_path, ka
     assert find_data(kaggle_root=str(tmp_path / "notebook")) == os.path.join(tmp_path, "notebook", "digit-recognizer", "")
     with pytest.raises(DataError, match="found no train.csv or test.csv in"):
         find_data()
-
-
-def test_no_data_anywhere_says_where_it_looked_and_both_ways_to_get_it(kaggle_input):
-    with pytest.raises(DataError) as error:
-        find_data()
-    message = str(error.value)
-    looked = ", ".join([os.path.join("data", ""), os.path.join("data", "digit-recognizer.zip"),
-                        os.path.join(kaggle_input, "digit-recognizer", "")])
-    assert message.startswith(f"found no train.csv or test.csv in {looked}; ")
-    assert "kaggle competitions download -c digit-recognizer -p data" in message
-    assert "in a Kaggle Notebook with Add data -> Digit Recognizer competition" in message
-
-
-def test_given_path_that_does_not_exist_gives_both_ways_to_get_the_data(tmp_path):
-    with pytest.raises(DataError) as error:
-        find_data(str(tmp_path / "nowhere"))
-    message = str(error.value)
-    assert message.startswith(f"{tmp_path / 'nowhere'}: no such file or folder")
-    assert "kaggle competitions download" in message and "Add data -> Digit Recognizer" in message
-
-
-@pytest.mark.parametrize("missing", ["train.csv", "test.csv"])
-def test_given_folder_or_zip_without_a_file_names_it(kaggle_dir, tmp_path, missing):
-    path = tmp_path / "digit-recognizer.zip"
-    present = ({"train.csv", "test.csv"} - {missing}).pop()
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.write(kaggle_dir / present, present)
-    with pytest.raises(DataError, match=f"zip has no {missing}"):
-        find_data(str(path))
-    (kaggle_dir / missing).unlink()
-    with pytest.raises(DataError, match=f"^{kaggle_dir}: folder has no {missing}"):
-        find_data(str(kaggle_dir))
 
 
 def test_one_csv_cannot_be_both_training_and_test_set(kaggle_dir):

@@ -12,10 +12,10 @@ import pytest
 
 import main
 from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
-from conftest import ROOT, make_digits, write_csv
+from conftest import ROOT, cli, make_digits, write_csv
 
 TRAIN_ROWS, TEST_ROWS = 2000, 50
-FLAGS = ["--preset", "fast", "--epochs", "2", "--batch-size", "32"]
+FLAGS = ["--preset", "fast", "--epochs", "2", "--batch-size", "32", "--report", ""]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -39,9 +39,11 @@ def train(data_dir, out, launcher, *extra):
     return result
 
 
-def test_two_processes_match_one(data_dir, tmp_path):
+def test_two_processes_match_one(data_dir, tmp_path, capsys):
     result = train(data_dir, tmp_path / "ddp", TORCHRUN)
-    train(data_dir, tmp_path / "single", [sys.executable])
+    single = tmp_path / "single"
+    assert cli(capsys, main, "--data", data_dir, "--checkpoint-dir", single / "ck", "--submission", single / "sub.csv",
+               *FLAGS)[0] == 0
 
     # Rank 0 alone writes: one checkpoint set, one history, one submission, one log.
     assert sorted(os.listdir(tmp_path / "ddp" / "ck")) == ["best.pt", "history.csv", "last.pt"]

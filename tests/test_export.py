@@ -1,6 +1,5 @@
 """export.py: one ONNX graph (an ensemble averages its members) that onnxruntime runs as torch does."""
 
-import os
 import sys
 
 import numpy as np
@@ -9,7 +8,7 @@ import torch
 
 import export
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, save_checkpoint
-from conftest import SHARED_ZIP, make_digits, write_csv
+from conftest import REAL_DATA, make_digits, write_csv
 from inference import load_models, predict_probs
 
 CPU = torch.device("cpu")
@@ -31,9 +30,9 @@ def _checkpoint(path, seed, widths=(16, 32, 128)):
 
 
 def _check_input(tmp_path):
-    """The real test.csv (its first 1,000 rows are read) when the shared zip is here, else synthetic."""
-    if os.path.exists(SHARED_ZIP):
-        return SHARED_ZIP
+    """The real test.csv (its first 1,000 rows are read) when the real data is here, else synthetic."""
+    if REAL_DATA is not None:
+        return REAL_DATA
     return write_csv(tmp_path / "test.csv", make_digits(1000, seed=5)[0])
 
 

@@ -8,6 +8,7 @@ import inference
 import main
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint
 from conftest import make_digits
+from dataloader import warp
 from trainer import EMA
 
 
@@ -25,12 +26,29 @@ def test_ensemble_with_tta_matches_inference_on_the_same_checkpoints(kaggle_dir,
     assert (tmp_path / "main.csv").read_bytes() == (tmp_path / "inf.csv").read_bytes()
 
 
-def test_tta_views_average_to_probabilities():
-    model = DigitRecognizerModel(ModelConfig(widths=(4, 4, 4))).eval()
+def test_tta_shift_views_are_one_pixel_rolls():
+    x = torch.zeros(4, 1, 28, 28)
+    x[:, :, 4:24, 4:24] = make_digits(4)[0][:, :, 4:24, 4:24].float() / 255  # nothing near the border
+    assert inference.View(0, 1, 0) in inference.TTA_VIEWS and inference.View(0, 0, 1) in inference.TTA_VIEWS
+    assert torch.allclose(warp(x, 0, 1, 0), torch.roll(x, -1, dims=3), atol=1e-5)  # +1 px in x: content moves left
+    assert torch.allclose(warp(x, 0, -1, 0), torch.roll(x, 1, dims=3), atol=1e-5)
+    assert torch.allclose(warp(x, 0, 0, 1), torch.roll(x, -1, dims=2), atol=1e-5)
+
+
+def test_tta_and_ensemble_average_the_softmax_of_every_model_and_view():
+    models = [DigitRecognizerModel(ModelConfig(widths=(4, 4, 4))).eval() for _ in range(2)]
+    for model in models:
+        model.classifier[-1].weight.data.mul_(100)  # confident outputs, so views and models differ
     images = make_digits(20)[0]
-    plain = inference.predict_probs([model], images, torch.device("cpu"))
-    tta = inference.predict_probs([model], images, torch.device("cpu"), tta=True)
-    assert torch.allclose(tta.sum(1), torch.ones(20), atol=1e-5) and not torch.allclose(tta, plain)
+    x = images.float() / 255
+    with torch.no_grad():
+        expected = torch.stack([model(warp(x, *view)).softmax(1) for model in models
+                                for view in inference.TTA_VIEWS]).mean(0)
+        plain = torch.stack([model(x).softmax(1) for model in models]).mean(0)
+    assert len(inference.TTA_VIEWS) == 7 and inference.TTA_VIEWS[0] == inference.View()
+    assert torch.allclose(inference.predict_probs(models, images, torch.device("cpu"), tta=True), expected, atol=1e-5)
+    assert torch.allclose(inference.predict_probs(models, images, torch.device("cpu")), plain, atol=1e-5)
+    assert not torch.allclose(expected, plain, atol=1e-2)
 
 
 def test_full_train_uses_every_row_and_says_so(kaggle_dir, tmp_path, capsys):

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import main
+import trainer
 from DigitRecognizerModel import load_checkpoint
-from conftest import ROOT, cli, make_digits, write_csv
+from conftest import ROOT, assert_user_error, cli, make_digits, snapshot, write_csv
 
 EPOCHS = 4
 FLAGS = ["--epochs", str(EPOCHS), "--batch-size", "16", "--seed", "7", "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as the one_thread fixture
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def data(tmp_path_factory):
 
 def argv(data, out, *extra):
     return ["--data", str(data), "--checkpoint-dir", str(out / "ckpt"), "--submission", str(out / "sub.csv"),
-            "--report", str(out / "reports"), *FLAGS, *extra]
+            "--report", "", *FLAGS, *extra]
 
 
 def command(data, out, *extra):
@@ -40,10 +40,16 @@ def command(data, out, *extra):
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-    """An uninterrupted run with the same flags and seed, in a fresh process."""
+    """An uninterrupted run with the same flags and seed, in this process (on one thread, as the
+    runs in fresh processes): each test compares a fresh process's result with it, so the same
+    seed gives the same weights and predictions in any process."""
     out = tmp_path_factory.mktemp("reference")
-    done = subprocess.run(command(data, out), capture_output=True, text=True, env=ENV, timeout=300)
-    assert done.returncode == 0, done.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main.main(argv(data, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -80,33 +86,24 @@ def start_and_wait(data, out, until):
     return process
 
 
-def resume(data, out, *extra):
-    done = subprocess.run(command(data, out, "--resume", *extra), capture_output=True, text=True, env=ENV, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return done
+def resume(capsys, *resume_argv):
+    """Resume in this process (one thread, as the killed process had); returns its stdout."""
+    code, stdout, err = cli(capsys, main, *resume_argv)
+    assert (code, err) == (0, [])
+    return stdout
 
 
-def test_same_seed_gives_the_same_predictions(capsys, data, reference, tmp_path):
-    assert cli(capsys, main, *argv(data, tmp_path))[0] == 0
-    assert_same_result(tmp_path, reference)
-
-
-KILL_WHEN = {  # last.pt of epoch 0 is written just before training starts
-    "in the first epoch": lambda out: (out / "ckpt" / "last.pt").exists(),
-    "after the first epoch": lambda out: epochs_done(out) >= 1,
-}
-
-
-@pytest.mark.parametrize("when", KILL_WHEN)
-def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(data, reference, tmp_path, when):
-    process = start_and_wait(data, tmp_path, until=KILL_WHEN[when])
+def test_kill_9_in_the_first_epoch_then_resume_matches_an_uninterrupted_run(capsys, data, reference, tmp_path):
+    # last.pt of epoch 0 is written just before training starts (after the first epoch: see the
+    # SIGTERM test and the kill -9 while writing last.pt after epoch 2)
+    process = start_and_wait(data, tmp_path, until=lambda out: (out / "ckpt" / "last.pt").exists())
     process.kill()
     process.communicate()
     assert process.returncode == -signal.SIGKILL
     killed_after = load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"]
     assert killed_after < EPOCHS
-    done = resume(data, tmp_path)
-    assert f"resumed from {tmp_path / 'ckpt' / 'last.pt'} after epoch {killed_after}/{EPOCHS}" in done.stdout
+    stdout = resume(capsys, *argv(data, tmp_path, "--resume"))
+    assert f"resumed from {tmp_path / 'ckpt' / 'last.pt'} after epoch {killed_after}/{EPOCHS}" in stdout
     assert epochs_done(tmp_path) == EPOCHS
     assert_same_result(tmp_path, reference)
 
@@ -124,33 +121,51 @@ torch.save = save_or_die
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(sys.argv[0]))
 import main
+import trainer
 sys.exit(main.main())
 """
 
 
-def test_kill_9_while_writing_last_pt_then_resume_matches(data, reference, tmp_path):
+def test_kill_9_while_writing_last_pt_then_resume_matches(capsys, data, reference, tmp_path):
     done = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING_EPOCH_2, *command(data, tmp_path)[1:]],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 1  # the torn write never replaced it
     assert any(name.startswith(".tmp-") for name in os.listdir(tmp_path / "ckpt"))  # it is there, aside
-    resume(data, tmp_path)
+    resume(capsys, *argv(data, tmp_path, "--resume"))
     assert_same_result(tmp_path, reference)
 
 
-def test_resume_with_other_flags_is_refused(capsys, data, reference, tmp_path):
+def other_data(folder):
+    write_csv(folder / "train.csv", *make_digits(200, seed=3))
+    write_csv(folder / "test.csv", make_digits(30, seed=2)[0])
+    return folder
+
+
+RESUME_CHANGES = {  # case: (flags, data folder for (data, tmp_path), what the line must say)
+    "--lr": (["--lr", "0.05"], lambda data, tmp: data, "(--lr 0.1, not 0.05)"),
+    "--ema": (["--ema", "0.9"], lambda data, tmp: data, "(--ema 0.0, not 0.9)"),
+    "--elastic": (["--elastic", "3"], lambda data, tmp: data, "(--elastic 0.0, not 3.0)"),
+    "other data": ([], lambda data, tmp: other_data(tmp), "(other data)"),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CHANGES)
+def test_resume_with_other_flags_or_data_is_refused(capsys, data, reference, tmp_path, case):
+    flags, data_for, expected = RESUME_CHANGES[case]
     out = tmp_path / "copy"
     (out / "ckpt").mkdir(parents=True)
     (out / "ckpt" / "last.pt").write_bytes((reference / "ckpt" / "last.pt").read_bytes())
-    code, _, err = cli(capsys, main, *argv(data, out, "--resume", "--lr", "0.05"))
-    assert code == 2 and len(err) == 1 and "resume with the same data and flags" in err[0]
-    assert (out / "ckpt" / "last.pt").read_bytes() == (reference / "ckpt" / "last.pt").read_bytes()
+    before = snapshot(out)
+    code, stdout, err = cli(capsys, main, *argv(data_for(data, tmp_path), out, "--resume", *flags))
+    assert_user_error(code, err, out / "ckpt" / "last.pt", expected, "resume with the same data and flags")
+    assert "epoch" not in stdout and snapshot(out) == before
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_leaves_a_resumable_run_and_says_how(data, reference, tmp_path, signum):
-    process = start_and_wait(data, tmp_path, until=KILL_WHEN["after the first epoch"])
-    process.send_signal(signum)
+def test_sigterm_leaves_a_resumable_run_and_says_how(capsys, data, reference, tmp_path):
+    """SIGTERM stops like Ctrl-C (KeyboardInterrupt, tested in-process below), in a real process."""
+    process = start_and_wait(data, tmp_path, until=lambda out: epochs_done(out) >= 1)
+    process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
@@ -159,7 +174,86 @@ def test_interrupt_leaves_a_resumable_run_and_says_how(data, reference, tmp_path
     assert 1 <= load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] < EPOCHS
     python, script, *resume_argv = shlex.split(how.split("resume with: ", 1)[1])  # run what it says
     assert (python, script) == ("python", "main.py")
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, script), *resume_argv],
-                             capture_output=True, text=True, env=ENV, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resume(capsys, *resume_argv)
     assert_same_result(tmp_path, reference)
+
+
+# ----------------------------------------------------------------------------- in-process interrupts, tiny models
+
+TINY = ["--epochs", "2", "--batch-size", "32", "--widths", "4", "8", "8", "--report", "", "--seed", "3", "--device", "cpu"]
+
+
+def tiny_argv(data, out, *extra):
+    return ["--data", data, "--checkpoint-dir", out / "ckpt", "--submission", out / "sub.csv", *TINY, *extra]
+
+
+def interrupt_at_epoch(monkeypatch, number):
+    """Ctrl-C as the `number`-th epoch of the process starts (counting every member's epochs);
+    returns the list of epochs actually started, which keeps growing afterwards."""
+    started, run_epoch = [], trainer.Trainer.run_epoch
+
+    def run_or_interrupt(self, epoch, bar):
+        started.append(epoch)
+        if len(started) == number:
+            raise KeyboardInterrupt
+        return run_epoch(self, epoch, bar)
+    monkeypatch.setattr(trainer.Trainer, "run_epoch", run_or_interrupt)
+    return started
+
+
+def weights(path):
+    state = load_checkpoint(path)
+    return {f"{key}.{name}": t for key in ("model", "ema") if state.get(key) for name, t in state[key].items()}
+
+
+def assert_same_weights(path, reference_path):
+    state, reference_state = weights(path), weights(reference_path)
+    assert state.keys() == reference_state.keys()
+    assert all(torch.equal(state[k], reference_state[k]) for k in state), f"{path} differs from {reference_path}"
+
+
+def test_ema_and_elastic_run_end_to_end_and_resume_exactly(capsys, data, tmp_path, monkeypatch):
+    flags = ["--ema", "0.9", "--elastic", "3"]
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "whole", *flags))[0] == 0
+    whole = tmp_path / "whole" / "ckpt"
+    saved = load_checkpoint(whole / "last.pt")
+    assert saved["ema"] and (saved["identity"]["ema"], saved["identity"]["elastic_alpha"]) == (0.9, 3.0)
+    interrupt_at_epoch(monkeypatch, 2)
+    code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", *flags))
+    assert code == 130 and err[-1].startswith("interrupted; resume with: python main.py --resume ")
+    monkeypatch.undo()
+    code, stdout, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", *flags, "--resume"))
+    assert (code, err) == (0, []) and "after epoch 1/2" in stdout
+    for name in ("last.pt", "best.pt"):  # best.pt holds the EMA weights
+        assert_same_weights(tmp_path / "cut" / "ckpt" / name, whole / name)
+    assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
+
+
+def test_resumed_ensemble_continues_the_member_cut_off_and_starts_the_ones_never_begun(capsys, data, tmp_path,
+                                                                                       monkeypatch):
+    flags = ["--ensemble", "3"]
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "whole", *flags))[0] == 0
+    interrupt_at_epoch(monkeypatch, 4)  # member 1: epochs 1-2, member 2: epoch 1, then Ctrl-C
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "cut", *flags))[0] == 130
+    cut = tmp_path / "cut" / "ckpt"
+    assert [load_checkpoint(cut / m / "last.pt")["epoch"] for m in ("member1", "member2")] == [2, 1]
+    assert not (cut / "member3").exists()
+    monkeypatch.undo()
+    started = interrupt_at_epoch(monkeypatch, 0)  # 0: never, just count
+    code, stdout, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", *flags, "--resume"))
+    assert (code, err) == (0, [])
+    assert started == [1, 0, 1]  # member 2's second epoch, then all of member 3; nothing done twice
+    assert f"resumed from {cut / 'member2' / 'last.pt'} after epoch 1/2" in stdout
+    for member in ("member1", "member2", "member3"):
+        assert_same_weights(cut / member / "last.pt", tmp_path / "whole" / "ckpt" / member / "last.pt")
+    assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
+
+
+def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main, "load_data", interrupted)  # Ctrl-C while reading the CSVs
+    code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path))
+    assert code == 130
+    assert err[-1] == "interrupted before the first checkpoint; start again with the same command"
+    assert not (tmp_path / "ckpt").exists()

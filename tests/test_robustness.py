@@ -11,39 +11,23 @@ import re
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import export
 import inference
 import main
 import trainer
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, save_checkpoint
-from conftest import ROOT, ROWS, cli, edit_cell, good_lines, make_digits, small_recipe
+from conftest import ROOT, ROWS, assert_user_error, cli, edit_cell, good_lines, make_digits, small_recipe, snapshot
 from DigitRecognizerModel import CheckpointError
 from files import OutputError
 from dataloader import DigitDataset, augment
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # ----------------------------------------------------------------------------- helpers
-
-def assert_user_error(code, err, *fragments):
-    assert code == 2, err
-    assert len(err) == 1, err  # one line, so no traceback
-    assert err[0].startswith("error: "), err
-    for fragment in fragments:
-        assert str(fragment) in err[0]
-
-
-def snapshot(folder):
-    """{relative path: (bytes, mtime_ns)} of every file under `folder`, temp files included."""
-    files = [Path(d, name) for d, _, names in os.walk(folder) for name in names]
-    return {str(f.relative_to(folder)): (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
-
 
 @pytest.fixture
 def out(tmp_path):
@@ -79,7 +63,7 @@ def write_data(folder, train=None, test=None):
 def source_without(tmp_path, kind, missing):
     """A --data/--input path that lacks `missing` ('train.csv' or 'test.csv'): (path, message)."""
     if kind == "path that does not exist":
-        return tmp_path / "nowhere", "no such file or folder"
+        return tmp_path / "nowhere", "no such file or folder; check the path, or get the data with `kaggle competitions"
     if kind == "zip without it":
         path = tmp_path / "digit-recognizer.zip"
         with zipfile.ZipFile(path, "w") as archive:
@@ -107,7 +91,7 @@ def test_bad_data_path_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, o
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("script", ["main.py", "inference.py"])
+@pytest.mark.parametrize("script", ["main.py"])  # inference.py: the in-process tests (same code, same message)
 def test_bad_csv_through_the_real_command_line(tmp_path, out, script):
     """A fresh process, as a user runs it: exit 2, one line, no traceback, nothing written.
     main.py reads test.csv before training, so even a bad one leaves the checkpoints alone.
@@ -299,6 +283,12 @@ def write_with_config(**config):
     return write
 
 
+def write_with_nan_weight(path, marker, good):
+    state = torch.load(good, weights_only=True)
+    state["model"]["classifier.2.weight"][3, 5] = float("nan")
+    torch.save(state, path)
+
+
 BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the error line must say)
     "malicious torch.save": (write_malicious_torch_save, "refused to load"),
     "malicious pickle": (write_malicious_pickle, "refused to load"),
@@ -313,17 +303,27 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
     "unknown config field": (write_with_config(depth=3), "unknown fields ['depth']"),
     "plain state_dict": (lambda path, marker, good: torch.save(DigitRecognizerModel(ModelConfig()).state_dict(), path),
                          "not a checkpoint written by this suite"),
+    "11 classes": (lambda path, marker, good: save_checkpoint(path, DigitRecognizerModel(ModelConfig(num_classes=11))),
+                   "cannot be used: it predicts 11 classes, not the 10 digits"),
+    "NaN weights": (write_with_nan_weight, "cannot be used: its weights hold NaN or Inf values"),
+    "widths 100000 with small tensors": (write_with_config(arch="cnn", widths=(100000, 100000, 100000)),
+                                         "cannot be used: widths (100000, 100000, 100000) are outside 1-1024"),
+    "widths 1024 with small tensors": (write_with_config(arch="cnn", widths=(1024, 1024, 1024)),
+                                       "cannot be used: features.0.weight is (16, 1, 3, 3), the config needs (1024,"),
 }
 
 
+@pytest.mark.parametrize("command", [inference, export], ids=["inference", "export"])
 @pytest.mark.parametrize("case", BAD_CHECKPOINTS)
-def test_bad_checkpoint_is_one_line_exit_2(capsys, tmp_path, out, case):
+def test_bad_checkpoint_is_one_line_exit_2(capsys, tmp_path, out, case, command):
     write, expected = BAD_CHECKPOINTS[case]
     path, marker = tmp_path / "model.pt", tmp_path / "pwned"
     write(path, marker, out / "ckpt" / "best.pt")
     before = snapshot(out)
-    code, _, err = cli(capsys, inference, *inference_argv(write_data(tmp_path / "data") / "test.csv", out)[2:],
-                       "--checkpoint", path)
+    argv = inference_argv(write_data(tmp_path / "data") / "test.csv", out)[2:]
+    if command is export:
+        argv = ["--output", out / "model.onnx"]
+    code, _, err = cli(capsys, command, *argv, "--checkpoint", path)
     assert_user_error(code, err, path, expected)
     assert not marker.exists() and snapshot(out) == before
 
@@ -402,3 +402,123 @@ def test_diverging_run_exits_1_with_one_line_and_writes_no_submission(capsys, tm
     assert code == 1 and len(err) == 1
     assert re.match(r"error: (loss became nan|weights became NaN or Inf) in epoch 1; lower --lr", err[0])
     assert not (out / "final_submission.csv").exists() and not (out / "ckpt" / "best.pt").exists()
+
+
+# ----------------------------------------------------------------------------- outputs that would destroy something
+
+def symlink(link, target):
+    link.symlink_to(target)
+    return link
+
+
+COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folder), what the line must say)
+    "inference --output is the --input": (inference, "--output", lambda t, o, d: d / "test.csv",
+                                          "--output {}: is an input of this run"),
+    "inference --output is the checkpoint": (inference, "--output", lambda t, o, d: o / "ckpt" / "best.pt",
+                                             "--output {}: is an input of this run"),
+    "inference --output is a symlink to the input": (
+        inference, "--output", lambda t, o, d: symlink(t / "link.csv", d / "test.csv"), "--output {}: is an input"),
+    "inference --probs is the --output": (inference, "--probs", lambda t, o, d: o / "final_submission.csv",
+                                          "--probs {}: is also the --output output"),
+    "main --submission is the data's test.csv": (main, "--submission", lambda t, o, d: d / "test.csv",
+                                                 "--submission {}: is an input of this run"),
+    "main --submission is a symlink to train.csv": (
+        main, "--submission", lambda t, o, d: symlink(t / "link.csv", d / "train.csv"), "--submission {}: is an input"),
+    "main --submission is the checkpoint folder's history.csv": (
+        main, "--submission", lambda t, o, d: o / "ckpt" / "history.csv", "history.csv: is also the --submission output"),
+}
+
+
+@pytest.mark.parametrize("case", COLLISIONS)
+def test_an_output_that_is_an_input_or_another_output_is_refused_before_anything_runs(capsys, tmp_path, out, case):
+    module, flag, value, expected = COLLISIONS[case]
+    data = write_data(tmp_path / "data")
+    argv = main_argv(data, out) if module is main else inference_argv(data / "test.csv", out) + ["--probs", "p.csv"]
+    path = value(tmp_path, out, data)
+    argv[argv.index(flag) + 1] = path
+    before = snapshot(tmp_path)
+    code, stdout, err = cli(capsys, module, *argv)
+    assert_user_error(code, err, expected.format(path))
+    assert "data:" not in stdout and "epoch" not in stdout
+    assert snapshot(tmp_path) == before
+
+
+def test_report_folder_may_be_the_data_folder():
+    """Only a report file that is an input collides; sharing the folder is fine."""
+    options, recipe = main.parse_args(["--data", "data", "--report", "data"])
+    inputs = inference.csv_files("data", "train.csv") + inference.csv_files("data", "test.csv")
+    main.check_outputs(main.planned_outputs(options, recipe), inputs)
+
+
+# ----------------------------------------------------------------------------- unwritable outputs
+
+@pytest.mark.parametrize("submission, expected", [("", "--submission is empty"),
+                                                  ("/sys/final_submission.csv", "cannot write in /sys")])
+def test_unwritable_submission_fails_before_the_data_is_loaded(capsys, tmp_path, out, submission, expected):
+    argv = main_argv(write_data(tmp_path / "data"), out)
+    argv[argv.index("--submission") + 1] = submission
+    before = snapshot(out)
+    code, stdout, err = cli(capsys, main, *argv)
+    assert_user_error(code, err, expected, f"--submission {submission}".strip())
+    assert "data:" not in stdout and snapshot(out) == before
+
+
+def test_full_disk_while_writing_the_submission_names_it_and_keeps_the_old_one(capsys, tmp_path, out, monkeypatch):
+    def write_on_a_full_disk(path, predictions):
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+            inference.write_submission(path, predictions)
+    monkeypatch.setattr(main, "write_submission", write_on_a_full_disk)
+    old = (out / "final_submission.csv").read_bytes()
+    code, _, err = cli(capsys, main, *main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8)
+    assert_user_error(code, err, out / "final_submission.csv", "disk is full")
+    assert (out / "final_submission.csv").read_bytes() == old
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
+
+
+# ----------------------------------------------------------------------------- runs that fail early leave nothing
+
+FAILURES = {  # case: (flags, what the line must say)
+    "bad test.csv": (["--data", "bad"], "not a readable CSV"),
+    "--batch-size above the training rows": (["--data", "data", "--batch-size", 64],
+                                             "--batch-size 64 is larger than the 10 training images"),
+}
+
+
+@pytest.mark.parametrize("case", FAILURES)
+def test_failing_run_leaves_no_folders_or_files(capsys, tmp_path, case):
+    write_data(tmp_path / "data")
+    write_data(tmp_path / "bad", test=np.random.default_rng(0).bytes(4096))
+    before = snapshot(tmp_path)
+    argv, expected = FAILURES[case]
+    code, _, err = cli(capsys, main, *argv, "--epochs", 1)  # default outputs: checkpoints/, reports/, ...
+    assert_user_error(code, err, expected)
+    assert sorted(os.listdir(tmp_path)) == ["bad", "data"] and snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- one run per checkpoint folder
+
+def test_second_run_on_a_checkpoint_folder_in_use_is_refused_and_a_dead_holder_blocks_nothing(capsys, tmp_path, out):
+    from files import folder_lock
+    data = write_data(tmp_path / "data")
+    argv = [*main_argv(data, out), "--widths", 4, 8, 8, "--report", ""]
+    with folder_lock(str(out / "ckpt")):
+        before = snapshot(out)
+        code, stdout, err = cli(capsys, main, *argv)
+        assert_user_error(code, err, f"--checkpoint-dir {out / 'ckpt'}: in use by another run (pid {os.getpid()}:")
+        assert "epoch" not in stdout
+        assert snapshot(out) == before
+    (out / "ckpt" / ".run").write_text("pid 999999: python main.py\n")  # what a kill -9'd holder leaves
+    code, _, err = cli(capsys, main, *argv)
+    assert (code, err) == (0, [])
+    assert load_checkpoint(out / "ckpt" / "last.pt")["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- export.py
+
+def test_export_tolerance_must_be_finite_and_positive(capsys):
+    for value in ("nan", "inf", "0"):
+        with pytest.raises(SystemExit) as exit_info:
+            export.parse_args(["--checkpoint", "x.pt", "--tolerance", value])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and "--tolerance" in err[0]
