@@ -185,7 +185,8 @@ def write_run_report(options, recipe, histories, sets, probabilities, seconds, l
 
 def train_rounds(options, recipe, full, test_images, device, log):
     """Train the members (and, with --pseudo-label, a second round on the confident test
-    images too); returns (histories, validation set, its probabilities, test probabilities)."""
+    images too); returns the members submitted, their histories, the validation set, its
+    probabilities and the test probabilities."""
     members = plan(recipe, full.labels, options.checkpoint_dir, options.seed)
     first = os.path.join(members[0].folder, "last.pt")
     if options.resume and not os.path.exists(first):
@@ -201,14 +202,15 @@ def train_rounds(options, recipe, full, test_images, device, log):
         histories = train_members(options, recipe, members, full, device, log, extra)
         wait_for_rank_0()
         val_set, val_probs, test_probs = evaluate_members(recipe, members, full, test_images, device, log)
-    return histories, val_set, val_probs, test_probs
+    return members, histories, val_set, val_probs, test_probs
 
 
 def train_and_submit(options, recipe, device, log=print):
     """Train, then write the submission and the report on the validation split.
 
-    Returns {'histories', 'val_accuracy', 'submission', 'seconds', 'recipe'}, where val_accuracy
-    is the submitted predictor's on the validation split (out of fold under --folds).
+    Returns {'histories', 'val_accuracy', 'submission', 'checkpoints', 'seconds', 'recipe'}, where
+    val_accuracy is the submitted predictor's on the validation split (out of fold under --folds)
+    and checkpoints the best.pt of each member submitted.
     """
     started = time.perf_counter()
     device = init_distributed(device)
@@ -227,7 +229,8 @@ def train_and_submit(options, recipe, device, log=print):
     if recipe.ensemble.full_train:
         log(f"full-train: no validation split; the model after epoch {recipe.train.epochs} is the one submitted")
     with folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext():
-        histories, val_set, val_probs, test_probs = train_rounds(options, recipe, full, test_images, device, log)
+        members, histories, val_set, val_probs, test_probs = train_rounds(options, recipe, full, test_images,
+                                                                          device, log)
         if rank == 0:  # every rank ends with the same weights; one writes
             write_submission(options.submission, test_probs.argmax(1))
             if options.report:
@@ -237,7 +240,8 @@ def train_and_submit(options, recipe, device, log=print):
     log(f"wrote {options.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
     val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item() if len(val_set) else float("nan")
     return {"histories": histories, "val_accuracy": val_accuracy, "submission": options.submission,
-            "seconds": seconds, "recipe": recipe}
+            "checkpoints": [os.path.join(m.folder, "best.pt") for m in members], "seconds": seconds,
+            "recipe": recipe}
 
 
 @contextlib.contextmanager

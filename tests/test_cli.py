@@ -8,6 +8,7 @@ import zipfile
 
 import pandas as pd
 import pytest
+import torch
 import torch.nn as nn
 
 import DigitRecognizerModel
@@ -86,7 +87,8 @@ def test_help_shows_every_setting_flag_with_its_default_and_the_preset_differenc
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: 30; --preset fast: 4)" in text
-    assert "(default: 1; --preset best: 5)" in text and "(default: off; --preset best: on)" in text
+    assert "(default: 0; --preset best: 5)" in text and "(default: on; --preset fast: off)" in text
+    assert "(default: none; --preset best: deotte)" in text
     helps = {action.dest: " ".join(action.help.split()) for action in main.build_parser()._actions}
     for _, field in setting_fields(Recipe()):
         assert flag_name(field) in text and "(default: " in helps[field.name] and helps[field.name] in text
@@ -147,10 +149,10 @@ def test_an_architecture_registered_in_one_file_trains_and_predicts(capsys, tmp_
     assert (code, err) == (0, [])
     state = DigitRecognizerModel.load_checkpoint("checkpoints/best.pt")
     assert state["model_config"]["arch"] == "toy" and set(state["model"]) == {"linear.weight", "linear.bias"}
-    code, _, err = cli(capsys, inference, "--checkpoint", "checkpoints/best.pt", "--output", "again.csv")
+    code, _, err = cli(capsys, inference, "--checkpoint", "checkpoints/best.pt", "--tta", "--output", "again.csv")
     assert (code, err) == (0, [])
     assert open("again.csv").read() == open("final_submission.csv").read()
     model = DigitRecognizerModel.model_from_checkpoint(state).eval()
     images = make_digits(30, seed=2)[0]
-    expected = model(images.float() / 255).argmax(1)
+    expected = inference.predict_probs([model], images, torch.device("cpu"), tta=True).argmax(1)
     assert pd.read_csv("again.csv")["Label"].tolist() == expected.tolist()
