@@ -182,9 +182,9 @@ def plot_learning_curves(history, path):
         ax.grid(alpha=0.3)
     validated = [row for row in history if not math.isnan(row["val_accuracy"])]
     if validated:
-        best = max(reversed(validated), key=lambda row: row["val_accuracy"])  # ties: the later, as for best.pt
+        best = max(reversed(validated), key=lambda row: row["val_accuracy"])  # ties: the later, as --best-epoch
         accuracy_ax.plot(best["epoch"], best["val_accuracy"], "*", color="C1", ms=13,
-                         label=f"best validation {best['val_accuracy']:.4f} (epoch {best['epoch']})")
+                         label=f"highest validation {best['val_accuracy']:.4f} (epoch {best['epoch']}), for reference")
     loss_ax.legend()
     accuracy_ax.legend()
     return _save(figure, path)
