@@ -3,18 +3,21 @@
 Usage:
     python inference.py --checkpoint checkpoints/best.pt                # data/ or the Kaggle input folder
     python inference.py --checkpoint checkpoints/best.pt --input ../shared/data/digit-recognizer.zip
-    python inference.py --checkpoint a/best.pt b/best.pt --tta --output ensemble.csv
+    python inference.py --checkpoint a/best.pt b/best.pt --no-tta --output ensemble.csv
     python inference.py --checkpoint checkpoints/best.pt --input data/train.csv --report reports/
 
-Several checkpoints are an ensemble: their softmax outputs are averaged. The test file
-is read, predicted and (with --probs) written out chunk by chunk; only the predicted
-labels are kept, one byte a row, so memory stays bounded however many rows it has.
+Several checkpoints are an ensemble: their softmax outputs are averaged. Test-time
+augmentation follows the recipe stored in the checkpoints, so the submission main.py wrote
+is repeated, unless --tta or --no-tta says otherwise. The test file is read, predicted and
+(with --probs) written out chunk by chunk; only the predicted labels are kept, one byte a
+row, so memory stays bounded however many rows it has.
 With --report the input is a labelled, train.csv-shaped file: it is scored and reported
 on instead of predicted for Kaggle (no submission is written). Scored on the whole
 train.csv, a checkpoint is judged mostly on images it was trained on: expect optimistic
 numbers.
 """
 
+import argparse
 import contextlib
 import os
 import sys
@@ -70,11 +73,18 @@ def predict_logits(model, images, device, batch_size=None, view: View = View()):
 
 def load_models(paths, device):
     """The models of checkpoint `paths`, BatchNorm folded, ready to predict on `device`."""
-    models = []
-    for path in paths:
-        model = model_from_checkpoint(load_checkpoint(path, map_location="cpu"), path).fuse_batchnorm_()
-        models.append(model.to(device).to(memory_format=torch.channels_last))
-    return models
+    return [ready_to_predict(load_checkpoint(path), path, device) for path in paths]
+
+
+def ready_to_predict(state, path, device):
+    """The model of a loaded checkpoint `state` (from `path`), BatchNorm folded, on `device`."""
+    model = model_from_checkpoint(state, path).fuse_batchnorm_()
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def trained_with_tta(states):
+    """Whether the runs that wrote these checkpoints submitted with TTA (the recipe each stores)."""
+    return all(state.get("identity", {}).get("tta", False) for state in states)
 
 
 def predict_probs(models, images, device, tta=False):
@@ -159,7 +169,10 @@ def parse_args(argv):
                         help="also write per-class probabilities ImageId,p0..p9 here; the models were trained "
                              "with label smoothing 0.1, so a sure prediction reads about 0.9, not 1.0 "
                              "(default: off)")
-    parser.add_argument("--tta", action="store_true", help="average over shifted/rotated views (default: off)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average over shifted/rotated views (default: as the checkpoints were trained to be "
+                             "submitted, so main.py's submission is repeated: on for the default and best presets, "
+                             "off for fast)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     args = parser.parse_args(argv)
     if args.report is not None and args.output:
@@ -185,7 +198,10 @@ def run(args, log=print):
     inputs = [*args.checkpoint, *csv_files(args.input, name)]
     check_outputs(planned_outputs(args), inputs)
     device = choose_device(args.device)
-    models = load_models(args.checkpoint, device)
+    states = [load_checkpoint(path) for path in args.checkpoint]
+    models = [ready_to_predict(state, path, device) for state, path in zip(states, args.checkpoint)]
+    if args.tta is None:
+        args.tta = trained_with_tta(states)
     with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:
         if args.report is not None:
             probs, _ = report_file(models, args.input, args.report, device, tta=args.tta,
@@ -195,7 +211,8 @@ def run(args, log=print):
             return len(probs)
         predictions = predict_file(models, args.input, device, tta=args.tta, probs_file=probs_file, log=log)
         write_submission(args.output, predictions)
-    log(f"wrote {args.output} ({len(predictions):,} rows) from {len(models)} checkpoint(s)")
+    log(f"wrote {args.output} ({len(predictions):,} rows) from {len(models)} checkpoint(s)"
+        f"{', with TTA' if args.tta else ''}")
     return len(predictions)
 
 

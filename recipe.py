@@ -13,7 +13,7 @@ from dataloader import AugmentConfig
 from trainer import TrainConfig
 
 
-VAL_FRACTION = 0.1  # stratified hold-out of train.csv that picks best.pt and reports accuracy
+VAL_FRACTION = 0.1  # stratified hold-out of train.csv: reports accuracy (and picks best.pt under --best-epoch)
 
 
 @dataclass(frozen=True)

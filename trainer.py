@@ -273,8 +273,9 @@ def _log_over_bars(log, message, progress):
 class Trainer:
     """One model's training run: optimizer, schedule, EMA, checkpoints, history.
 
-    Writes `last.pt` after every epoch (resumable) and `best.pt` whenever validation
-    accuracy reaches a new best (every epoch when there is no validation set).
+    Writes `last.pt` after every epoch (resumable) and `best.pt`, the model submitted: every
+    epoch, so it ends as the last one, or with --best-epoch (keep_best) only on a new best
+    validation accuracy.
     """
 
     def __init__(self, model, train_set, val_set, recipe, device, checkpoint_dir, seed=0, max_steps_per_epoch=0,
@@ -392,9 +393,10 @@ class Trainer:
         if self.progress:
             epochs_bar.set_postfix({"loss": f"{train_loss:.3f}", "acc": f"{train_accuracy:.3f}",
                                     "val_acc": f"{val['accuracy']:.4f}", "img/s": f"{images_per_second:,.0f}"})
+        new_best = " * best" if improved and self.keep_best else ""  # only under --best-epoch
         _log_over_bars(self.log, f"epoch {epoch + 1:3d}/{self.config.epochs}  train loss {train_loss:.4f} "
-                       f"acc {train_accuracy:.4f}  val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
-                       f"{' *' if improved else ''}  {seconds:.1f}s  {images_per_second:,.0f} img/s", self.progress)
+                       f"acc {train_accuracy:.4f}  val loss {val['loss']:.4f} acc {val['accuracy']:.4f}{new_best}"
+                       f"  {seconds:.1f}s  {images_per_second:,.0f} img/s", self.progress)
 
     def fit(self, resume=False):
         """Train to the last epoch (from last.pt when `resume`); returns the history rows."""
@@ -417,7 +419,8 @@ def train(model, train_set: DigitDataset, val_set: DigitDataset, recipe, device,
     In a process group, the batch size is the global batch (main.py checks that it divides
     by the world size) and only rank 0 writes. `progress`: tqdm bars for epochs and
     batches; None = only when stderr is a terminal. `log` gets one line per epoch.
-    keep_best: best.pt is the epoch with the best validation accuracy; else the last epoch.
+    keep_best=False (k-fold members, whose validation rows are scored out of fold) keeps the
+    last epoch even under --best-epoch.
     """
     progress = (sys.stderr.isatty() if progress is None else progress) and rank_and_world_size()[0] == 0
     trainer = Trainer(model, train_set, val_set, recipe, device, checkpoint_dir, seed, max_steps_per_epoch,

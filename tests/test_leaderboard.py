@@ -21,9 +21,14 @@ def test_ensemble_with_tta_matches_inference_on_the_same_checkpoints(kaggle_dir,
     seeds = [load_checkpoint(str(path))["identity"]["seed"] for path in members]
     assert seeds == [0, 1]
     assert "validation accuracy of the submitted predictor (2 model(s), TTA)" in capsys.readouterr().out
-    assert inference.main(["--checkpoint", *map(str, members), "--tta", "--input", str(kaggle_dir),
+    # No --tta: inference takes it from the recipe stored in the checkpoints, as main.py used it.
+    assert inference.main(["--checkpoint", *map(str, members), "--input", str(kaggle_dir),
                            "--output", str(tmp_path / "inf.csv")]) == 0
     assert (tmp_path / "main.csv").read_bytes() == (tmp_path / "inf.csv").read_bytes()
+    assert "from 2 checkpoint(s), with TTA" in capsys.readouterr().out
+    assert inference.main(["--checkpoint", *map(str, members), "--no-tta", "--input", str(kaggle_dir),
+                           "--output", str(tmp_path / "plain.csv")]) == 0
+    assert "from 2 checkpoint(s)\n" in capsys.readouterr().out
 
 
 def test_tta_shift_views_are_one_pixel_rolls():
