@@ -208,6 +208,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {_first_line(e)}") from None
+    except (IndexError, KeyError, TypeError, AttributeError):  # the unpickler fed other bytes (a CSV, a text file)
+        raise CheckpointError(f"{path}: not a checkpoint (its bytes are not a saved PyTorch file); pass a best.pt "
+                              f"or last.pt written by this suite") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "model_config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by this suite (no model config and weights)")
     return state
@@ -233,8 +236,8 @@ def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:
             raise ValueError("its weights hold NaN or Inf values (a diverged run?)")
         model = build_model(config)
         model.load_state_dict(stored)
-    except CheckpointError:
-        raise
+    except CheckpointError as e:  # an unknown architecture: name the file too
+        raise CheckpointError(f"{path}: {e}") from None
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
         reason = _first_line(e, skip="Error(s) in loading")  # then the first mismatch
         raise CheckpointError(f"{path}: cannot be used: {reason}; use a checkpoint written by this suite") from None

@@ -20,15 +20,17 @@ import torch
 import torch.nn as nn
 
 from DigitRecognizerModel import build_model, count_parameters
-from cli import ArgumentParser, UserError, choose_device, fail
-from dataloader import DigitDataset, load_test, load_train, stratified_split
+from cli import ArgumentParser, choose_device, run_command
+from dataloader import DataError, DigitDataset, find_data, load_test, load_train, stratified_split
 from export import onnxruntime_images_per_s
-from files import atomic_write_text
-from inference import load_models, predict_file, predict_probs
+from files import atomic_write_text, check_outputs
+from inference import csv_files, load_models, predict_file, predict_probs
 from recipe import VAL_FRACTION, preset
 from trainer import BatchSource, train, train_step
 
 FP32_FLOPS_PER_CYCLE = {"AVX512": 64, "AVX2": 32}  # 2 FMA units x SIMD lanes x 2 FLOPs
+STEPS = 60  # timed training steps, after 5 warm-up steps
+MIN_TRAIN_ROWS = (5 + STEPS) * 128 + 1  # ... at batch 128
 
 
 def multiply_adds_per_image(model):
@@ -59,7 +61,7 @@ def cpu_peak():
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpuinfo = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in f)}
-    mhz = float(cpuinfo.get("cpu MHz", 0.0))  # the last core's
+    mhz = float(cpuinfo.get("cpu MHz", 0.0))  # the last core's; 0 where not listed (often on ARM)
     if capability == "AVX512" and cpuinfo.get("vendor_id") == "AuthenticAMD" and cpuinfo.get("cpu family") == "25":
         flops_per_cycle, simd = flops_per_cycle // 2, "AVX512 on Zen 4's 256-bit units"  # two halves per op
     cores = torch.get_num_threads()
@@ -75,14 +77,15 @@ def cpu_peak():
         "threads": cores,
         "clock_ghz": mhz / 1000,
         "flops_per_cycle": flops_per_cycle,
-        "peak_gflops": cores * mhz / 1000 * flops_per_cycle,
+        "peak_gflops": cores * mhz / 1000 * flops_per_cycle or None,
         "derivation": f"{cores} cores x {mhz / 1000:.2f} GHz (/proc/cpuinfo) x {flops_per_cycle} FLOP/cycle "
-                      f"({simd}: 2 FMA units x {flops_per_cycle // 4} fp32 lanes x 2)",
+                      f"({simd}: 2 FMA units x {flops_per_cycle // 4} fp32 lanes x 2)" if mhz else
+                      "unknown: /proc/cpuinfo lists no clock",
         "sgemm_gflops": sgemm,
     }
 
 
-def train_step_throughput(recipe, dataset, device, steps=60):
+def train_step_throughput(recipe, dataset, device, steps=STEPS):
     """Images/s of the bare training step (augmentation, forward, backward, SGD update)."""
     model = build_model(recipe.model).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
@@ -90,10 +93,11 @@ def train_step_throughput(recipe, dataset, device, steps=60):
                           max_steps=5 + steps).epoch(0)
     for _, (images, labels) in zip(range(5), batches):  # warm-up: oneDNN picks its kernels on the first calls
         train_step(model, optimizer, images, labels, recipe.train.label_smoothing, device)
-    started = time.perf_counter()
+    started, timed = time.perf_counter(), 0
     for images, labels in batches:
         train_step(model, optimizer, images, labels, recipe.train.label_smoothing, device)
-    return steps * recipe.train.batch_size / (time.perf_counter() - started)
+        timed += 1
+    return timed * recipe.train.batch_size / (time.perf_counter() - started)
 
 
 def first_time_reaching(history, target):
@@ -105,7 +109,21 @@ def first_time_reaching(history, target):
     return None
 
 
+def train_step_figures(recipe, full, device, peak_gflops):
+    """The model's size and the bare training step's speed, against the FMA peak when known."""
+    probe = build_model(recipe.model)
+    macs = multiply_adds_per_image(probe)
+    step_rate = train_step_throughput(recipe, full, device)
+    gflops = step_rate * 3 * 2 * macs / 1e9  # forward + backward (2x forward), 2 FLOPs a multiply-add
+    return {"model": {"arch": recipe.model.arch, "widths": list(recipe.model.widths),
+                      "multiply_adds_per_image": macs, "parameters": count_parameters(probe)},
+            "train_step_images_per_s": step_rate, "train_step_gflops": gflops,
+            "train_step_fraction_of_peak": gflops / peak_gflops if peak_gflops else None}
+
+
 def run(args):
+    args.data = find_data(args.data)
+    check_outputs([("--output", args.output)], csv_files(args.data, "train.csv") + csv_files(args.data, "test.csv"))
     device = choose_device("cpu")
     recipe = preset("fast" if args.quick else "default")
     results = {"preset": "fast" if args.quick else "default", "torch": torch.__version__, "machine": cpu_peak()}
@@ -116,18 +134,12 @@ def run(args):
     started = time.perf_counter()
     test_images = load_test(args.data)
     results["load_test_s"] = time.perf_counter() - started
+    if len(labels) < MIN_TRAIN_ROWS:
+        raise DataError(f"{args.data}: {len(labels):,} train.csv rows; bench.py times whole epochs and "
+                        f"{STEPS} training steps, so it needs {MIN_TRAIN_ROWS:,} or more: use the full Kaggle data")
 
-    probe = build_model(recipe.model)
-    macs = multiply_adds_per_image(probe)
-    train_flops_per_image = 3 * 2 * macs  # forward + backward (2x forward)
     full = DigitDataset(images, labels)
-    step_rate = train_step_throughput(recipe, full, device)
-    results["model"] = {"arch": recipe.model.arch, "widths": list(recipe.model.widths),
-                        "multiply_adds_per_image": macs, "parameters": count_parameters(probe)}
-    results["train_step_images_per_s"] = step_rate
-    results["train_step_gflops"] = step_rate * train_flops_per_image / 1e9
-    results["train_step_fraction_of_peak"] = results["train_step_gflops"] / results["machine"]["peak_gflops"]
-
+    results.update(train_step_figures(recipe, full, device, results["machine"]["peak_gflops"]))
     train_idx, val_idx = stratified_split(labels, VAL_FRACTION, seed=0)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -148,6 +160,7 @@ def run(args):
         started = time.perf_counter()
         predict_probs(models, test_images, device)
         results["predict_test_s"] = time.perf_counter() - started
+        results["test_images"] = len(predictions)
         results["inference_images_per_s"] = len(predictions) / results["predict_test_s"]
         results["onnxruntime_images_per_s"] = onnxruntime_images_per_s(models, test_images)  # None: not installed
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -158,20 +171,23 @@ def print_table(r):
     m = r["machine"]
     rows = [
         ("machine", f"{m['cpu']} {m['simd']}, {m['threads']} threads, torch {r['torch']}"),
-        ("FMA peak (estimate)", f"{m['peak_gflops']:.0f} GFLOP/s = {m['derivation']}"),
+        ("FMA peak (estimate)", f"{m['peak_gflops']:.0f} GFLOP/s = {m['derivation']}" if m["peak_gflops"]
+         else m["derivation"]),
         ("sgemm 2048 (measured)", f"{m['sgemm_gflops']:.0f} GFLOP/s"),
         ("model", f"{r['model']['arch']} widths {r['model']['widths']}, {r['model']['parameters']:,} params, "
                   f"{r['model']['multiply_adds_per_image'] / 1e6:.2f}M multiply-adds/image"),
         ("load train.csv", f"{r['load_train_s']:.2f} s"),
         ("load test.csv", f"{r['load_test_s']:.2f} s"),
-        ("train step", f"{r['train_step_images_per_s']:,.0f} img/s = {r['train_step_gflops']:.0f} GFLOP/s "
-                       f"({100 * r['train_step_fraction_of_peak']:.0f}% of peak)"),
+        ("train step", f"{r['train_step_images_per_s']:,.0f} img/s = {r['train_step_gflops']:.0f} GFLOP/s"
+                       + (f" ({100 * r['train_step_fraction_of_peak']:.0f}% of peak)"
+                          if r["train_step_fraction_of_peak"] else "")),
         (f"epoch ({r['preset']} preset)", f"{r['seconds_per_epoch']:.1f} s ({r['epoch_images_per_s']:,.0f} img/s incl. validation)"),
         *((f"time to val acc {target} (training)", "not reached" if r[f"seconds_to_{target}"] is None
            else f"{r[f'seconds_to_{target}']} s") for target in ("0.990", "0.995")),
         (f"val acc after epoch {r['epochs']} (submitted)", f"{r['final_val_accuracy']:.4f}"),
-        ("predict 28k test images", f"{r['predict_test_s']:.2f} s ({r['inference_images_per_s']:,.0f} img/s)"),
-        ("predict 28k, onnxruntime (export.py)", "not installed (pip install -r requirements-export.txt)"
+        (f"predict {r['test_images']:,} test images", f"{r['predict_test_s']:.2f} s "
+                                                      f"({r['inference_images_per_s']:,.0f} img/s)"),
+        ("the same, onnxruntime (export.py)", "not installed (pip install -r requirements-export.txt)"
          if r["onnxruntime_images_per_s"] is None else f"{r['onnxruntime_images_per_s']:,.0f} img/s"),
         ("read + predict test file", f"{r['read_and_predict_test_s']:.2f} s"),
         ("peak RSS", f"{r['peak_rss_mb']:.0f} MB"),
@@ -181,20 +197,20 @@ def print_table(r):
         print(f"{key:<{width}}  {value}")
 
 
-def main_cli(argv=None):
+def main(argv=None) -> int:
     parser = ArgumentParser(description="Benchmark loading, training and inference on this machine.")
-    parser.add_argument("--data", default="data/", help="Kaggle folder or zip (default: data/)")
+    parser.add_argument("--data", default=None,
+                        help="folder with train.csv and test.csv, or the Kaggle zip (default: the first of data/, "
+                             "data/digit-recognizer.zip and /kaggle/input/digit-recognizer/ that holds them)")
     parser.add_argument("--quick", action="store_true", help="fast preset, under a minute (default: off)")
     parser.add_argument("--output", default="bench.json", help="JSON results (default: bench.json)")
-    args = parser.parse_args(argv)
-    try:
-        results = run(args)
-    except UserError as e:
-        return fail(e)
+    return run_command(lambda args: write_results(args.output, run(args)), parser.parse_args(argv))
+
+
+def write_results(path, results):
     print_table(results)
-    atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
-    return 0
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    sys.exit(main_cli())
+    sys.exit(main())

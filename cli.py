@@ -12,6 +12,7 @@
 import argparse
 import dataclasses
 import math
+import os
 import signal
 import sys
 
@@ -22,11 +23,16 @@ class UserError(Exception):
     """Bad input from the user; the message is one line: what, where, how to fix."""
 
 
+def one_line(text) -> str:
+    """`text` with its line breaks shown as \\n, so a message quoting a user's value stays one line."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line and exits 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
 def setting(default, help, low=None, high=None, high_open=False, flag=None, choices=None):
@@ -44,10 +50,10 @@ def flag_name(field):
 
 
 def _range_text(meta):
-    low, high = meta["low"], meta["high"]
+    low, high = (None if v is None else str(v) if isinstance(v, int) else f"{v:g}" for v in (meta["low"], meta["high"]))
     if low is not None and high is not None:
-        return f"in [{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
-    return f"at least {low:g}" if low is not None else f"at most {high:g}"
+        return f"in [{low}, {high}{')' if meta['high_open'] else ']'}"
+    return f"at least {low}" if low is not None else f"at most {high}"
 
 
 def _checked(kind, meta):
@@ -65,6 +71,23 @@ def _checked(kind, meta):
             raise argparse.ArgumentTypeError(f"{text} is out of range; it must be {_range_text(meta)}")
         return value
     return parse
+
+
+def ranged(kind, low=None, high=None):
+    """An argparse `type` for a plain flag: parses `kind` within [low, high] (finite floats)."""
+    return _checked(kind, dict(low=low, high=high, high_open=False))
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE), 1 without torchrun."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"WORLD_SIZE={text!r} in the environment is not a process count; unset it "
+                        f"or launch with torchrun")
+    if int(text) > 1 and not {"RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+        raise UserError(f"WORLD_SIZE={text} is set but not RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; start "
+                        f"the processes with torchrun, or unset WORLD_SIZE for one process")
+    return int(text)
 
 
 def setting_fields(config):
@@ -136,7 +159,7 @@ def choose_device(name="auto") -> torch.device:
 
 def fail(error, code=2) -> int:
     """Print `error` as the one line a failed command leaves; returns the exit code."""
-    print(f"error: {error}", file=sys.stderr)
+    print(f"error: {one_line(error)}", file=sys.stderr)
     return code
 
 

@@ -87,10 +87,11 @@ def resolve_csv(path: str, name: str):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder; check the path, or {GET_THE_DATA}")
     if os.path.isdir(path):
-        for candidate in (name, name + ".gz"):
-            full = os.path.join(path, candidate)
-            if os.path.isfile(full):
-                return full, lambda: _open_file(full)
+        found = [full for full in (os.path.join(path, name), os.path.join(path, name + ".gz")) if os.path.isfile(full)]
+        if len(found) == 2:
+            raise DataError(f"{path}: holds both {name} and {name}.gz; remove one, so it is clear which to read")
+        if found:
+            return found[0], lambda: _open_file(found[0])
         raise DataError(f"{path}: folder has no {name}; unzip digit-recognizer.zip there or pass the zip itself")
     if _is_zip(path):
         return _resolve_zip_member(path, name)

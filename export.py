@@ -23,7 +23,6 @@ nothing and exits 1. Use it without torch, e.g. on test.csv rows `pixels` (N, 78
 
 import importlib
 import io
-import math
 import sys
 import time
 import warnings
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cli import ArgumentParser, UserError, run_command
+from cli import ArgumentParser, UserError, ranged, run_command
 from dataloader import find_data, iter_digit_csv
 from files import atomic_write_bytes, check_outputs
 from inference import csv_files, load_models, predict_probs
@@ -164,15 +163,16 @@ def parse_args(argv):
     parser.add_argument("--input", default=None,
                         help="test.csv, a folder holding it, or the Kaggle zip, whose first rows are the "
                              "parity-check images (default: none, synthetic images)")
-    parser.add_argument("--check", type=int, default=1000, metavar="N",
-                        help="parity-check onnxruntime against torch on N images; 0 = no check (default: 1000)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
+    parser.add_argument("--check", type=ranged(int, 0, 100_000), default=1000, metavar="N",
+                        help="parity-check onnxruntime against torch on N images, up to 100,000; 0 = no check "
+                             "(default: 1000)")
+    parser.add_argument("--tolerance", type=ranged(float, 1e-12, 1), default=1e-4,
                         help="largest allowed probability difference in the check (default: 1e-4)")
     parser.add_argument("--opset", type=int, default=OPSET, choices=range(13, 24), metavar="13-23",
                         help=f"ONNX opset version; the exporter here writes 13 to 23 (default: {OPSET})")
     args = parser.parse_args(argv)
-    if args.check < 0 or not 0 < args.tolerance < math.inf:  # nan compares false: it would pass every check
-        parser.error("--check must be at least 0 and --tolerance a finite number above 0")
+    if not args.output.lower().endswith(".onnx"):  # so a typo cannot replace some other file of the user's
+        parser.error(f"--output {args.output}: an ONNX file's name ends in .onnx, e.g. model.onnx")
     return args
 
 

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import sys
 import tempfile
 
@@ -43,7 +44,9 @@ def atomic_open(path, mode="w"):
     mid-write (exception, Ctrl-C, kill -9, power loss); on an exception the temp file goes.
     An OSError (full disk, read-only file system) becomes an OutputError naming `path`.
     """
-    folder = os.path.dirname(os.path.abspath(path))
+    check_regular_file(path)
+    target = os.path.realpath(path)  # through a symlink: replace its target, keep the link
+    folder = os.path.dirname(target)
     tmp_path = None
     try:
         os.makedirs(folder, exist_ok=True)
@@ -53,7 +56,7 @@ def atomic_open(path, mode="w"):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        os.replace(tmp_path, target)
         tmp_path = None
     except OSError as e:
         if e.errno not in _WRITE_ERRORS:  # e.g. a read error in the caller's block: not ours
@@ -75,6 +78,18 @@ def atomic_write_bytes(path, data: bytes):
         f.write(data)
 
 
+def check_regular_file(path, flag=None):
+    """OutputError if `path` exists and is not a regular file (a device, pipe or socket, such
+    as /dev/null or /dev/stdout): renaming a file onto it would replace it."""
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except OSError:
+        return  # nothing there yet (or unreadable: the write itself will say)
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        where = f"{flag} {path}" if flag else path
+        raise OutputError(f"{where}: is a device, pipe or socket, not a file; give a file path")
+
+
 def _nearest_existing_folder(path):
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
@@ -91,9 +106,9 @@ def check_writable(flag, path):
     if not path:
         raise OutputError(f"{flag} is empty; give a file path")
     if os.path.isdir(path):
-        raise OutputError(f"{flag} {path}: is a folder; pass a file path, "
-                          f"e.g. {os.path.join(path, os.path.basename(flag.strip('-')) + '.csv')}")
-    folder = _nearest_existing_folder(path)
+        raise OutputError(f"{flag} {path}: is a folder; pass the path of a file in it")
+    check_regular_file(path, flag)
+    folder = _nearest_existing_folder(os.path.realpath(path))
     if not os.path.isdir(folder):
         raise OutputError(f"{flag} {path}: {folder} is a file, not a folder; choose another path")
     try:

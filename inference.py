@@ -175,6 +175,8 @@ def parse_args(argv):
                              "off for fast)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     args = parser.parse_args(argv)
+    if args.report == "":
+        parser.error("--report '' names no folder; give the folder for the report")
     if args.report is not None and args.output:
         parser.error("--report scores a labelled file and writes no submission; drop --output")
     args.output = None if args.report is not None else (args.output or "final_submission.csv")

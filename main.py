@@ -32,8 +32,8 @@ import time
 import torch
 
 from DigitRecognizerModel import CheckpointError, build_model
-from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fail,
-                 flatten_settings, settings_from_flags, sigterm_as_interrupt)
+from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fail, flatten_settings,
+                 launched_world_size, ranged, settings_from_flags, sigterm_as_interrupt)
 from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train
 from ensemble import member_folders, out_of_fold_probs, plan, pseudo_labelled, with_extra
 from files import check_outputs, folder_lock
@@ -62,7 +62,8 @@ def build_parser(parser_class=ArgumentParser):
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
                         help="recipe: fast = a minute's look, default = one model, best = the leaderboard "
                              "ensemble; flags below override its settings (default: default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for split, init, shuffle and augmentation (default: 0)")
+    parser.add_argument("--seed", type=ranged(int, 0, 2**31 - 1), default=0,
+                        help="seed for split, init, shuffle and augmentation, 0 to 2^31-1 (default: 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = cuda when available, else cpu (default: auto)")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where best.pt and last.pt go (default: checkpoints)")
@@ -87,10 +88,13 @@ def parse_args(argv, parser_class=ArgumentParser):
     parser = build_parser(parser_class)
     options = parser.parse_args(argv)
     recipe = settings_from_flags(options, preset(options.preset))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    if recipe.train.batch_size % world_size:
+    try:
+        world_size = launched_world_size()
+    except UserError as e:
+        parser.error(str(e))
+    if recipe.train.batch_size % world_size or recipe.train.batch_size < 2 * world_size:
         parser.error(f"--batch-size {recipe.train.batch_size} is the global batch; it must divide evenly "
-                     f"over the {world_size} processes")
+                     f"over the {world_size} process(es), at least 2 images each (BatchNorm needs 2)")
     if len(recipe.model.widths) != 3:
         parser.error(f"--widths takes 3 numbers, got {len(recipe.model.widths)}")
     folds = recipe.ensemble.folds
@@ -188,9 +192,6 @@ def train_rounds(options, recipe, full, test_images, device, log):
     images too); returns the members submitted, their histories, the validation set, its
     probabilities and the test probabilities."""
     members = plan(recipe, full.labels, options.checkpoint_dir, options.seed)
-    first = os.path.join(members[0].folder, "last.pt")
-    if options.resume and not os.path.exists(first):
-        raise CheckpointError(f"{first}: nothing to resume (no such file); start without --resume")
     histories = train_members(options, recipe, members, full, device, log)
     wait_for_rank_0()  # its best.pt files are complete before any rank reads them
     val_set, val_probs, test_probs = evaluate_members(recipe, members, full, test_images, device, log)
@@ -228,6 +229,9 @@ def train_and_submit(options, recipe, device, log=print):
         f"test images; device {device}, {torch.get_num_threads()} threads{processes}")
     if recipe.ensemble.full_train:
         log(f"full-train: no validation split; the model after epoch {recipe.train.epochs} is the one submitted")
+    if options.resume and not os.path.exists(os.path.join(first.folder, "last.pt")):  # before the lock makes the folder
+        raise CheckpointError(f"{os.path.join(first.folder, 'last.pt')}: nothing to resume (no such file); "
+                              f"start without --resume")
     with folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext():
         members, histories, val_set, val_probs, test_probs = train_rounds(options, recipe, full, test_images,
                                                                           device, log)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, save_checkpoint
-from cli import flag_name, flatten_settings, setting, setting_fields
+from cli import flag_name, flatten_settings, launched_world_size, setting, setting_fields
 from dataloader import AugmentConfig, DigitDataset, augment
 from files import atomic_write_text
 from inference import autocast, eval_batch_size, predict_logits
@@ -40,7 +40,7 @@ class TrainingDiverged(Exception):
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = setting(30, "epochs", low=1, high=10_000)
-    batch_size: int = setting(128, "global batch size, split evenly over torchrun processes", low=1, high=65_536)
+    batch_size: int = setting(128, "global batch size, split evenly over torchrun processes", low=2, high=65_536)
     lr: float = setting(0.1, "peak learning rate of the one-cycle schedule", low=1e-6, high=100)
     momentum: float = setting(0.9, "SGD Nesterov momentum", low=0, high=1, high_open=True)
     weight_decay: float = setting(5e-4, "L2 weight decay", low=0, high=1)
@@ -58,7 +58,7 @@ def init_distributed(device):
 
     Plain `python main.py` (no WORLD_SIZE) gets no process group and the device unchanged.
     """
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    if launched_world_size() == 1:
         return device
     # torch obeys OMP_NUM_THREADS, which torchrun sets to 1 when it starts several processes
     # per node (unless the user set it); without it, the node's cores are shared out.

@@ -158,6 +158,7 @@ def assert_user_error(code, err, *fragments):
 
 
 def snapshot(folder):
-    """{relative path: (bytes, mtime_ns)} of every file under `folder`, temp files included."""
-    files = [Path(d, name) for d, _, names in os.walk(folder) for name in names]
+    """{relative path: (bytes, mtime_ns)} of every regular file under `folder`, temp files included
+    (pipes and devices are left out: reading a pipe would block)."""
+    files = [Path(d, name) for d, _, names in os.walk(folder) for name in names if Path(d, name).is_file()]
     return {str(f.relative_to(folder)): (f.read_bytes(), f.stat().st_mtime_ns) for f in files}

@@ -1,6 +1,8 @@
 """bench.py's arithmetic (the benchmark itself measures; it asserts nothing)."""
 
+import bench
 from bench import first_time_reaching, multiply_adds_per_image
+from conftest import assert_user_error, cli, snapshot
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig
 
 
@@ -19,3 +21,13 @@ def test_time_to_accuracy_adds_epoch_seconds_until_the_target():
     assert first_time_reaching(history, 0.990) == 19.0
     assert first_time_reaching(history, 0.995) == 28.5
     assert first_time_reaching(history, 0.999) is None
+
+
+def test_bench_refuses_to_write_over_its_input_and_data_too_small_to_time(kaggle_dir, capsys):
+    before = snapshot(kaggle_dir)
+    code, _, err = cli(capsys, bench, "--data", kaggle_dir, "--output", kaggle_dir / "train.csv")
+    assert_user_error(code, err, "--output", "is an input of this run")
+    code, _, err = cli(capsys, bench, "--quick", "--data", kaggle_dir, "--output", "bench.json")
+    assert_user_error(code, err, "train.csv rows; bench.py times whole epochs")
+    assert snapshot(kaggle_dir) == before
+

@@ -154,6 +154,8 @@ def test_main_on_a_slice_of_the_real_data(tmp_path):
     (["--widths", "100000", "100000", "100000"], "--widths: 100000 is out of range"),
     (["--widths", "8", "16"], "--widths takes 3 numbers"),
     (["--label-smoothing", "1.5"], "--label-smoothing: 1.5 is out of range"),
+    (["--seed", "100000000000000000"], "--seed: 100000000000000000 is out of range; it must be in [0, 2147483647]"),
+    (["--batch-size", "1"], "--batch-size: 1 is out of range"),  # BatchNorm needs 2 images
 ])
 def test_main_cli_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
     code = exit_code(main.main, argv + ["--checkpoint-dir", str(tmp_path / "ck"), "--submission", str(tmp_path / "s.csv")])
@@ -175,6 +177,14 @@ def test_inference_missing_checkpoint_exits_2(kaggle_dir, tmp_path, capsys):
                            "--output", str(tmp_path / "s.csv")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "nope.pt" in err and len(err.splitlines()) == 1 and not (tmp_path / "s.csv").exists()
+
+
+def test_inference_report_needs_a_folder(kaggle_dir, tmp_path, capsys):
+    """In main.py --report '' means no report; here it would have written into the current folder."""
+    code = exit_code(inference.main, ["--checkpoint", "ck.pt", "--input", str(kaggle_dir / "train.csv"), "--report", ""])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--report '' names no folder" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "index.html").exists() and not (tmp_path / "per_class_accuracy.csv").exists()
 
 
 def test_training_whose_warmup_is_exactly_one_step_runs(tmp_path):

@@ -232,6 +232,13 @@ def test_kaggle_root_argument_overrides_the_environment(kaggle_dir, tmp_path, ka
         find_data()
 
 
+def test_a_folder_with_both_test_csv_and_test_csv_gz_is_ambiguous(kaggle_dir):
+    with open(kaggle_dir / "test.csv", "rb") as src, gzip.open(kaggle_dir / "test.csv.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with pytest.raises(DataError, match=f"^{kaggle_dir}: holds both test.csv and test.csv.gz; remove one"):
+        load_test(str(kaggle_dir))
+
+
 def test_one_csv_cannot_be_both_training_and_test_set(kaggle_dir):
     train_csv = str(kaggle_dir / "train.csv")
     with pytest.raises(DataError, match=f"^{train_csv}: one CSV file cannot be both train.csv and test.csv .*"

@@ -96,14 +96,21 @@ def test_missing_optional_package_is_one_line_with_the_install_command(tmp_path,
     assert export.onnxruntime_images_per_s(load_models([checkpoint], CPU), make_digits(10)[0]) is None  # bench: a blank
 
 
-def test_refuses_an_output_that_is_the_checkpoint_or_a_folder(tmp_path, capsys):
-    checkpoint = _checkpoint(tmp_path / "best.pt", seed=0, widths=(4, 8, 8))
+def test_refuses_an_output_that_is_an_input_a_folder_or_not_onnx(tmp_path, capsys):
+    checkpoint = _checkpoint(tmp_path / "weights.onnx", seed=0, widths=(4, 8, 8))  # an input named like an output
+    (tmp_path / "exports.onnx").mkdir()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
     before = open(checkpoint, "rb").read()
-    for output, says in ((checkpoint, "is an input of this run"), (str(tmp_path), "is a folder")):
-        assert export.main(["--checkpoint", checkpoint, "--output", output]) == 2
+    for output, says in ((checkpoint, "is an input of this run"), (str(tmp_path / "exports.onnx"), "is a folder"),
+                         (str(notes), "an ONNX file's name ends in .onnx")):
+        try:
+            code = export.main(["--checkpoint", checkpoint, "--output", output])
+        except SystemExit as e:  # a bad command line: argparse exits
+            code = e.code
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and says in err and err.count("\n") == 1
-    assert open(checkpoint, "rb").read() == before
+        assert code == 2 and says in err and err.count("\n") == 1 and "Traceback" not in err
+    assert open(checkpoint, "rb").read() == before and notes.read_text() == "the user's notes"
 
 
 def test_onnxruntime_throughput_for_bench():

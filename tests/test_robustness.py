@@ -298,6 +298,10 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
     "random bytes": (lambda path, marker, good: path.write_bytes(np.random.default_rng(1).bytes(5000)),
                      "unsafe or corrupted"),
     "a CSV": (lambda path, marker, good: path.write_text("\n".join(good_lines(False))), "unsafe or corrupted"),
+    "a text file": (lambda path, marker, good: path.write_text("hello world"), "not a checkpoint (its bytes"),
+    "a history.csv": (lambda path, marker, good: path.write_text("epoch,train_loss\n1,0.5\n"),
+                      "not a checkpoint (its bytes"),
+    "unknown architecture": (write_with_config(arch="resnet"), "unknown architecture 'resnet'"),
     "other widths": (write_other_widths, "cannot be used: features.0.weight is (8, 1, 3, 3), the config needs (16,"),
     "other config": (write_with_config(widths=(16, 32)), "cannot be used: the cnn architecture takes 3 widths"),
     "unknown config field": (write_with_config(depth=3), "unknown fields ['depth']"),
@@ -411,6 +415,11 @@ def symlink(link, target):
     return link
 
 
+def fifo(path):
+    os.mkfifo(path)
+    return path
+
+
 COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folder), what the line must say)
     "inference --output is the --input": (inference, "--output", lambda t, o, d: d / "test.csv",
                                           "--output {}: is an input of this run"),
@@ -424,6 +433,12 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
                                                  "--submission {}: is an input of this run"),
     "main --submission is a symlink to train.csv": (
         main, "--submission", lambda t, o, d: symlink(t / "link.csv", d / "train.csv"), "--submission {}: is an input"),
+    "inference --output is a pipe": (inference, "--output", lambda t, o, d: fifo(t / "pipe.csv"),
+                                     "--output {}: is a device, pipe or socket, not a file"),
+    "inference --probs links to /dev/null": (inference, "--probs", lambda t, o, d: symlink(t / "p.csv", "/dev/null"),
+                                             "--probs {}: is a device, pipe or socket, not a file"),
+    "main --submission is a pipe": (main, "--submission", lambda t, o, d: fifo(t / "pipe.csv"),
+                                    "--submission {}: is a device, pipe or socket, not a file"),
     "main --submission is the checkpoint folder's history.csv": (
         main, "--submission", lambda t, o, d: o / "ckpt" / "history.csv", "history.csv: is also the --submission output"),
 }
@@ -482,6 +497,7 @@ FAILURES = {  # case: (flags, what the line must say)
     "bad test.csv": (["--data", "bad"], "not a readable CSV"),
     "--batch-size above the training rows": (["--data", "data", "--batch-size", 64],
                                              "--batch-size 64 is larger than the 10 training images"),
+    "--resume with nothing to resume": (["--data", "data", "--resume", "--batch-size", 4], "last.pt: nothing to resume"),
 }
 
 
@@ -514,11 +530,47 @@ def test_second_run_on_a_checkpoint_folder_in_use_is_refused_and_a_dead_holder_b
     assert load_checkpoint(out / "ckpt" / "last.pt")["epoch"] == 1
 
 
+def test_an_output_that_is_a_symlink_writes_its_target_and_keeps_the_link(capsys, tmp_path, out):
+    target = tmp_path / "kept" / "submission.csv"
+    target.parent.mkdir()
+    target.write_text("an older submission\n")
+    link = symlink(tmp_path / "link.csv", target)
+    argv = inference_argv(write_data(tmp_path / "data") / "test.csv", out)
+    argv[argv.index("--output") + 1] = link
+    code, _, err = cli(capsys, inference, *argv)
+    assert (code, err) == (0, [])
+    assert link.is_symlink() and target.read_text().startswith("ImageId,Label\n1,")
+
+
+def test_a_line_break_inside_a_cell_or_a_flag_is_still_one_line(capsys, tmp_path, out):
+    (tmp_path / "test.csv").write_text(edit_cell('"1\n2"')(good_lines(False)))
+    code, _, err = cli(capsys, inference, *inference_argv(tmp_path / "test.csv", out))
+    assert_user_error(code, err, "'1\\n2' is not a whole number")
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(["--epochs", "1\n2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "'1\\n2' is not an integer" in err[0]
+
+
+@pytest.mark.parametrize("world_size, says", [("abc", "WORLD_SIZE='abc' in the environment is not a process count"),
+                                              ("0", "WORLD_SIZE='0'"),
+                                              ("2", "WORLD_SIZE=2 is set but not RANK")])
+def test_a_world_size_torchrun_never_sets_is_one_line(capsys, monkeypatch, world_size, says):
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args([])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and says in err[0]
+
+
 # ----------------------------------------------------------------------------- export.py
 
-def test_export_tolerance_must_be_finite_and_positive(capsys):
-    for value in ("nan", "inf", "0"):
-        with pytest.raises(SystemExit) as exit_info:
-            export.parse_args(["--checkpoint", "x.pt", "--tolerance", value])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert exit_info.value.code == 2 and len(err) == 1 and "--tolerance" in err[0]
+@pytest.mark.parametrize("flag, value", [("--tolerance", "nan"), ("--tolerance", "inf"), ("--tolerance", "0"),
+                                         ("--check", "-1"), ("--check", "1000000000")])
+def test_export_check_flags_are_range_checked(capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        export.parse_args(["--checkpoint", "x.pt", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and f"{flag}: {value} is out of range" in err[0]
