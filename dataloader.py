@@ -125,6 +125,16 @@ def _damaged_zip(path, error):
     return f"{path}: damaged zip ({error}); download digit-recognizer.zip again"
 
 
+def _last_line_end(block, start, end):
+    """Index of the last line end in block[start:end], or -1: a newline, or the carriage
+    return that ends lines in old Mac files (pandas reads those too)."""
+    return max(block.rfind(b"\n", start, end), block.rfind(b"\r", start, end))
+
+
+def _line_ends(block):
+    return block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+
+
 class _LineBoundedReader(io.BufferedIOBase):
     """The binary stream pandas reads, raising DataError as soon as a line passes MAX_LINE_BYTES.
 
@@ -135,7 +145,7 @@ class _LineBoundedReader(io.BufferedIOBase):
     def __init__(self, raw, label):
         self._raw, self._label = raw, label
         self._line_bytes = 0  # of the unfinished line at the end of what was read
-        self._newlines = 0
+        self._lines_ended = 0
 
     def readable(self):
         return True
@@ -144,16 +154,16 @@ class _LineBoundedReader(io.BufferedIOBase):
         block = self._raw.read(size)
         start = -self._line_bytes  # where the current line began, relative to this block
         while len(block) - start > MAX_LINE_BYTES:
-            # Lines are short: jump to the last newline within reach of the line start.
-            newline = block.rfind(b"\n", max(start, 0), start + MAX_LINE_BYTES + 1)
-            if newline < 0:
-                line = self._newlines + block.count(b"\n", 0, max(start, 0)) + 1
+            # Lines are short: jump to the last line end within reach of the line start.
+            line_end = _last_line_end(block, max(start, 0), start + MAX_LINE_BYTES + 1)
+            if line_end < 0:
+                line = self._lines_ended + _line_ends(block[:max(start, 0)]) + 1
                 raise DataError(f"{self._label}: line {line} is {MAX_LINE_BYTES + 1:,}+ bytes long; a Kaggle row "
                                 f"is at most {KAGGLE_LINE_BYTES:,} bytes; is this the Kaggle CSV?")
-            start = newline + 1
-        last_newline = block.rfind(b"\n", max(start, 0))
-        self._line_bytes = len(block) - (start if last_newline < 0 else last_newline + 1)
-        self._newlines += block.count(b"\n")
+            start = line_end + 1
+        line_end = _last_line_end(block, max(start, 0), len(block))
+        self._line_bytes = len(block) - (start if line_end < 0 else line_end + 1)
+        self._lines_ended += _line_ends(block)
         return block
 
     def read1(self, size=-1):  # io.TextIOWrapper (older pandas wraps the stream in one) reads this way

@@ -76,6 +76,20 @@ def test_lines_up_to_the_length_limit_read_across_blocks(tmp_path):
         load_train(str(path))
 
 
+@pytest.mark.parametrize("line_end", ["\r", "\r\n"], ids=["old Mac CR", "Windows CRLF"])
+def test_other_line_endings_read_the_same_images(tmp_path, line_end):
+    """Files far longer than one line's byte limit: the reader must see CR as a line end
+    too (as pandas does), not as one endless line."""
+    images, labels = make_digits(60, seed=5)
+    header = ",".join(["label"] + [f"pixel{i}" for i in range(784)])
+    rows = [",".join(map(str, [int(label), *image.flatten().tolist()])) for image, label in zip(images, labels)]
+    path = tmp_path / "train.csv"
+    path.write_bytes(line_end.join([header, *rows, ""]).encode())
+    assert path.stat().st_size > 3 * MAX_LINE_BYTES
+    loaded_images, loaded_labels = load_train(str(path))
+    assert torch.equal(loaded_images, images) and torch.equal(loaded_labels, labels)
+
+
 @needs_real_data
 def test_rows_of_the_real_kaggle_files_pass_the_checks(tmp_path):
     for name, labelled in (("train.csv", True), ("test.csv", False)):
