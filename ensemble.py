@@ -10,7 +10,7 @@ their predictions are worth.
   seen every row. Fold members keep their last epoch (no epoch is picked on the rows
   the estimate is made on).
 - --mix ARCH: every other member uses architecture ARCH with its own default widths and
-  dropout, for a more diverse ensemble.
+  dropout, for a more diverse ensemble, trained for --mix-epochs epochs (0: --epochs).
 - --pseudo-label P: after the first round, test images the ensemble predicts with
   probability >= P join every member's training rows, with those labels, for a second
   round (written under <checkpoint-dir>/round2).
@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from DigitRecognizerModel import ARCHITECTURES, ModelConfig
+from DigitRecognizerModel import ARCHITECTURES
 from dataloader import DigitDataset, stratified_split
 from recipe import VAL_FRACTION
 
@@ -30,7 +30,7 @@ from recipe import VAL_FRACTION
 class Member:
     index: int
     seed: int
-    model: ModelConfig
+    recipe: object  # recipe.Recipe this member trains with (its architecture and epochs under --mix)
     folder: str
     train_rows: torch.Tensor  # indices into train.csv
     val_rows: torch.Tensor
@@ -48,13 +48,15 @@ def kfold_split(labels, folds, seed):
     return [torch.cat(part).sort().values for part in parts]
 
 
-def member_model(recipe, index) -> ModelConfig:
-    """The recipe's model, or for every other member under --mix, the mixed architecture
-    with that architecture's own default widths and dropout."""
+def member_recipe(recipe, index):
+    """The run's recipe, or for every other member under --mix, the mixed architecture with
+    that architecture's own default widths and dropout, trained for --mix-epochs epochs."""
     if recipe.ensemble.mix == "none" or index % 2 == 0:
-        return recipe.model
+        return recipe
     cls = ARCHITECTURES[recipe.ensemble.mix]
-    return replace(recipe.model, arch=recipe.ensemble.mix, widths=cls.DEFAULT_WIDTHS, dropout=cls.DEFAULT_DROPOUT)
+    model = replace(recipe.model, arch=recipe.ensemble.mix, widths=cls.DEFAULT_WIDTHS, dropout=cls.DEFAULT_DROPOUT)
+    train = replace(recipe.train, epochs=recipe.ensemble.mix_epochs or recipe.train.epochs)
+    return replace(recipe, model=model, train=train)
 
 
 def member_count(recipe):
@@ -77,7 +79,7 @@ def plan(recipe, labels, checkpoint_dir, seed):
         split = stratified_split(labels, 0 if recipe.ensemble.full_train else VAL_FRACTION, seed)
         splits = [split] * recipe.ensemble.ensemble
     folders = member_folders(recipe, checkpoint_dir)
-    return [Member(index, seed + index, member_model(recipe, index), folders[index], train_rows, val_rows)
+    return [Member(index, seed + index, member_recipe(recipe, index), folders[index], train_rows, val_rows)
             for index, (train_rows, val_rows) in enumerate(splits)]
 
 

@@ -101,6 +101,9 @@ def parse_args(argv, parser_class=ArgumentParser):
     if folds == 1 or (folds and (recipe.ensemble.full_train or recipe.ensemble.ensemble > 1)):
         parser.error("--folds K takes K >= 2 and makes the K members itself: drop --ensemble and --full-train, "
                      "or use --folds 0")
+    if options.mix_epochs and recipe.ensemble.mix == "none":  # given, not a preset's (best --mix none is fine)
+        parser.error(f"--mix-epochs {options.mix_epochs} sets the epochs of the --mix members, but --mix is "
+                     f"none: add --mix ARCH, or drop --mix-epochs")
     return options, recipe
 
 
@@ -133,15 +136,16 @@ def train_members(options, recipe, members, full, device, log, extra=None):
     histories = []
     for member in members:
         if len(members) > 1:
-            log(f"member {member.index + 1}/{len(members)} ({member.model.arch}, seed {member.seed}, "
+            log(f"member {member.index + 1}/{len(members)} ({member.recipe.model.arch}, "
+                f"{member.recipe.train.epochs} epochs, seed {member.seed}, "
                 f"{len(member.train_rows) + (len(extra) if extra else 0):,} training images) -> {member.folder}")
         torch.manual_seed(member.seed)
-        model = build_model(member.model)
+        model = build_model(member.recipe.model)
         # A resumed ensemble continues the member that was cut off and starts the ones never begun.
         resume = options.resume and os.path.exists(os.path.join(member.folder, "last.pt"))
         # progress=None: bars only when stderr is a terminal; --quiet also drops the per-epoch lines.
         histories.append(train(model, with_extra(full.subset(member.train_rows), extra), full.subset(member.val_rows),
-                               recipe, device, member.folder, seed=member.seed, resume=resume,
+                               member.recipe, device, member.folder, seed=member.seed, resume=resume,
                                max_steps_per_epoch=1 if options.dry_run else 0,
                                keep_best=not recipe.ensemble.folds,
                                log=(lambda message: None) if options.quiet else log,

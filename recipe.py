@@ -22,6 +22,7 @@ class EnsembleConfig:
     folds: int = setting(0, "k-fold: K members, each holding out one fold, so every train.csv row is predicted "
                             "out of fold; 0 = off", low=0, high=20)
     mix: str = setting("none", "a second architecture for every other member", choices=lambda: ["none", *ARCHITECTURES])
+    mix_epochs: int = setting(0, "epochs of the --mix members; 0 = --epochs", low=0, high=10_000)
     tta: bool = setting(True, "test-time augmentation: average over shifted/rotated views")
     full_train: bool = setting(False, "train on all rows with no validation split; the model after the last "
                                       "epoch is the one submitted")
@@ -43,7 +44,7 @@ class Recipe:
 PRESETS = {
     "fast": {"epochs": 4, "tta": False},
     "default": {},
-    "best": {"folds": 5, "mix": "deotte"},
+    "best": {"folds": 5, "mix": "deotte", "mix_epochs": 15},
 }
 
 

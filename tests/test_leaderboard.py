@@ -69,7 +69,13 @@ def test_full_train_uses_every_row_and_says_so(kaggle_dir, tmp_path, capsys):
 
 def test_presets_and_the_flags_that_override_them():
     best = main.parse_args(["--preset", "best"])[1]
-    assert (best.ensemble.folds, best.ensemble.mix, best.ensemble.tta, best.train.epochs) == (5, "deotte", True, 30)
+    assert (best.ensemble.folds, best.ensemble.mix, best.ensemble.mix_epochs, best.ensemble.tta,
+            best.train.epochs) == (5, "deotte", 15, True, 30)
+    from ensemble import plan
+    members = plan(best, make_digits(100)[1], "ck", seed=0)
+    assert [(m.recipe.model.arch, m.recipe.train.epochs) for m in members] == [("cnn", 30), ("deotte", 15)] * 2 + [
+        ("cnn", 30)]
+    assert [m.seed for m in members] == [0, 1, 2, 3, 4]
     plain = main.parse_args(["--preset", "best", "--no-tta", "--folds", "3", "--mix", "none"])[1].ensemble
     assert (plain.folds, plain.mix, plain.tta) == (3, "none", False)
     fast = main.parse_args(["--preset", "fast"])[1]
@@ -77,22 +83,30 @@ def test_presets_and_the_flags_that_override_them():
     assert main.parse_args(["--preset", "fast", "--epochs", "2"])[1].train.epochs == 2
 
 
-@pytest.mark.parametrize("argv", [["--folds", "1"], ["--folds", "3", "--ensemble", "2"], ["--folds", "3", "--full-train"]])
-def test_folds_that_cannot_work_are_refused(argv, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--folds", "1"], "--folds K takes K >= 2"), (["--folds", "3", "--ensemble", "2"], "--folds K takes K >= 2"),
+    (["--folds", "3", "--full-train"], "--folds K takes K >= 2"),
+    (["--mix-epochs", "5"], "--mix-epochs 5 sets the epochs of the --mix members, but --mix is none"),
+    (["--preset", "best", "--mix", "none", "--mix-epochs", "9"], "--mix-epochs 9 sets the epochs of the --mix"),
+])
+def test_ensembles_that_cannot_work_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         main.parse_args(argv)
-    assert stop.value.code == 2 and "--folds K takes K >= 2" in capsys.readouterr().err
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_folds_predict_every_row_out_of_fold_with_two_architectures(kaggle_dir, tmp_path, capsys):
     ck = tmp_path / "ck"
-    assert main.main(["--data", str(kaggle_dir), "--folds", "2", "--mix", "deotte", "--epochs", "1",
-                      "--batch-size", "32", "--checkpoint-dir", str(ck), "--submission", str(tmp_path / "s.csv"),
-                      "--report", str(tmp_path / "r")]) == 0
-    assert "out-of-fold accuracy (2 folds" in capsys.readouterr().out
+    assert main.main(["--data", str(kaggle_dir), "--folds", "2", "--mix", "deotte", "--epochs", "2",
+                      "--mix-epochs", "1", "--batch-size", "32", "--checkpoint-dir", str(ck),
+                      "--submission", str(tmp_path / "s.csv"), "--report", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "out-of-fold accuracy (2 folds" in out and "member 2/2 (deotte, 1 epochs" in out
     states = [load_checkpoint(str(ck / f"member{k}" / "best.pt")) for k in (1, 2)]
     assert [s["model_config"]["arch"] for s in states] == ["cnn", "deotte"]
-    assert [s["epoch"] for s in states] == [1, 1]  # the last epoch, not one picked on the held-out fold
+    # Each member's last epoch (not one picked on its held-out fold); --mix-epochs for the deotte one.
+    assert [s["epoch"] for s in states] == [2, 1]
+    assert [len(pd.read_csv(ck / f"member{k}" / "history.csv")) for k in (1, 2)] == [2, 1]
     per_class = pd.read_csv(tmp_path / "r" / "per_class_accuracy.csv")
     assert per_class["images"].sum() == 600  # every train.csv row, each predicted out of fold
     assert inference.main(["--checkpoint", *(str(ck / f"member{k}" / "best.pt") for k in (1, 2)), "--tta",
