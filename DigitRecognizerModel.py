@@ -213,6 +213,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                               f"or last.pt written by this suite") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "model_config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by this suite (no model config and weights)")
+    if not isinstance(state.get("identity", {}), dict):  # the recipe it was trained with, read by inference
+        raise CheckpointError(f"{path}: not a checkpoint written by this suite (its recipe is not a dict)")
     return state
 
 

@@ -53,7 +53,7 @@ def find_data(path=None, names=("train.csv", "test.csv"), kaggle_root=None):
     be two of `names`: the test set would be the training images.
     """
     if path is None:
-        root = kaggle_root or os.environ.get(KAGGLE_INPUT_ENV, "/kaggle/input")
+        root = kaggle_root or os.environ.get(KAGGLE_INPUT_ENV) or "/kaggle/input"  # set but empty: the default
         candidates = [os.path.join("data", ""), os.path.join("data", "digit-recognizer.zip"),
                       os.path.join(root, "digit-recognizer", "")]
         path = next((c for c in candidates if _holds_any(c, names)), None)

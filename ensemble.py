@@ -17,6 +17,7 @@ their predictions are worth.
 """
 
 import os
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -67,6 +68,16 @@ def member_folders(recipe, checkpoint_dir):
     """Checkpoint folder of each member: the folder itself for a single model."""
     count = member_count(recipe)
     return [checkpoint_dir] if count == 1 else [os.path.join(checkpoint_dir, f"member{m + 1}") for m in range(count)]
+
+
+def stale_member_folders(recipe, checkpoint_dir):
+    """The memberK/ folders in `checkpoint_dir` beyond this run's members: an earlier run's,
+    which `inference.py --checkpoint <dir>/member*/best.pt` would mix into this run's."""
+    count = member_count(recipe)
+    if count == 1 or not os.path.isdir(checkpoint_dir):
+        return []
+    numbers = [int(name[len("member"):]) for name in os.listdir(checkpoint_dir) if re.fullmatch(r"member\d+", name)]
+    return [os.path.join(checkpoint_dir, f"member{n}") for n in sorted(numbers) if n > count]
 
 
 def plan(recipe, labels, checkpoint_dir, seed):

@@ -83,7 +83,9 @@ def check_regular_file(path, flag=None):
     as /dev/null or /dev/stdout): renaming a file onto it would replace it."""
     try:
         mode = os.stat(path).st_mode  # follows symlinks
-    except OSError:
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # writing would replace the link itself
+            raise OutputError(f"{f'{flag} ' if flag else ''}{path}: is a loop of symlinks; give a file path") from None
         return  # nothing there yet (or unreadable: the write itself will say)
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
         where = f"{flag} {path}" if flag else path
@@ -147,29 +149,47 @@ def check_outputs(outputs, inputs):
         check_writable(flag, path)
 
 
+def _holder(folder):
+    with contextlib.suppress(OSError), open(os.path.join(folder, ".run")) as f:
+        return f.read().strip() or "pid unknown"
+    return "a run in a folder inside it"  # it holds a shared lock here, and no .run
+
+
 @contextlib.contextmanager
 def folder_lock(folder, flag="--checkpoint-dir"):
-    """Hold an exclusive lock on `folder` for a run; a second run gets OutputError at once.
+    """Hold an exclusive lock on `folder` for a run; a second run gets OutputError at once,
+    also when one run's folder is inside the other's (it would overwrite its members).
 
-    The lock is on the folder itself (flock), so the OS frees it when the process dies
-    and a killed run never leaves a stale lock; `.run` beside it names the holder for
-    the message and goes when the run ends.
+    The locks are on the folders themselves (flock): exclusive on `folder`, shared on each
+    folder above it. The OS frees them when the process dies, so a killed run never leaves
+    a stale lock; `.run` in the folder names the holder for the message and goes when the
+    run ends.
     """
-    try:
-        os.makedirs(folder, exist_ok=True)
-        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as e:
-        raise OutputError(f"{flag} {folder}: cannot write: {_reason(e)}") from None
-    holder_file = os.path.join(folder, ".run")
+    descriptors = []
     try:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.makedirs(folder, exist_ok=True)
+            descriptors.append(os.open(folder, os.O_RDONLY | os.O_DIRECTORY))
+        except OSError as e:
+            raise OutputError(f"{flag} {folder}: cannot write: {_reason(e)}") from None
+        try:
+            fcntl.flock(descriptors[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = "pid unknown"
-            with contextlib.suppress(OSError), open(holder_file) as f:
-                holder = f.read().strip() or holder
-            raise OutputError(f"{flag} {folder}: in use by another run ({holder}); "
+            raise OutputError(f"{flag} {folder}: in use by another run ({_holder(folder)}); "
                               f"wait for it to finish or pass another {flag}") from None
+        above = os.path.realpath(folder)
+        while above != os.path.dirname(above):
+            above = os.path.dirname(above)
+            try:
+                descriptors.append(os.open(above, os.O_RDONLY | os.O_DIRECTORY))
+            except OSError:
+                continue  # an unreadable folder above: no run can lock it either
+            try:
+                fcntl.flock(descriptors[-1], fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputError(f"{flag} {folder}: is inside {above}, the {flag} of another run "
+                                  f"({_holder(above)}); wait for it to finish or pass a folder outside it") from None
+        holder_file = os.path.join(folder, ".run")
         atomic_write_text(holder_file, f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
         try:
             yield
@@ -177,4 +197,5 @@ def folder_lock(folder, flag="--checkpoint-dir"):
             with contextlib.suppress(OSError):
                 os.unlink(holder_file)
     finally:
-        os.close(descriptor)  # releases the lock
+        for descriptor in descriptors:
+            os.close(descriptor)  # releases the locks

@@ -33,10 +33,11 @@ import torch
 
 from DigitRecognizerModel import CheckpointError, build_model
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fail, flatten_settings,
-                 launched_world_size, ranged, settings_from_flags, sigterm_as_interrupt)
+                 launched_world_size, ranged, replace_settings, setting_fields, settings_from_flags, sigterm_as_interrupt)
 from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train
-from ensemble import member_folders, out_of_fold_probs, plan, pseudo_labelled, with_extra
-from files import check_outputs, folder_lock
+from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
+                      with_extra)
+from files import OutputError, check_outputs, folder_lock
 from inference import csv_files, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, preset, preset_notes
 from report import report_files, write_report
@@ -101,21 +102,41 @@ def parse_args(argv, parser_class=ArgumentParser):
     if folds == 1 or (folds and (recipe.ensemble.full_train or recipe.ensemble.ensemble > 1)):
         parser.error("--folds K takes K >= 2 and makes the K members itself: drop --ensemble and --full-train, "
                      "or use --folds 0")
+    if options.mix not in (None, "none") and member_count(recipe) == 1:
+        parser.error(f"--mix {options.mix} makes every other member of an ensemble another architecture, but this "
+                     f"run trains one model: add --folds K or --ensemble N, or drop --mix")
     if options.mix_epochs and recipe.ensemble.mix == "none":  # given, not a preset's (best --mix none is fine)
         parser.error(f"--mix-epochs {options.mix_epochs} sets the epochs of the --mix members, but --mix is "
                      f"none: add --mix ARCH, or drop --mix-epochs")
+    if options.dry_run:  # one epoch of one batch per member
+        recipe = replace_settings(recipe, {"epochs": 1, "mix_epochs": 0})
     return options, recipe
+
+
+def round_folders(options, recipe):
+    """The checkpoint folder of each round: the second holds the pseudo-labelled members."""
+    return [options.checkpoint_dir] + ([os.path.join(options.checkpoint_dir, "round2")]
+                                       if recipe.ensemble.pseudo_label else [])
 
 
 def planned_outputs(options, recipe):
     """[(flag, path)] of every file the run will write, for the checks before it starts."""
     outputs = [("--submission", options.submission)]
     outputs += [("--report", path) for path in report_files(options.report)] if options.report else []
-    rounds = [options.checkpoint_dir] + ([os.path.join(options.checkpoint_dir, "round2")]
-                                         if recipe.ensemble.pseudo_label else [])
-    outputs += [("--checkpoint-dir", os.path.join(folder, name)) for checkpoint_dir in rounds
+    outputs += [("--checkpoint-dir", os.path.join(folder, name)) for checkpoint_dir in round_folders(options, recipe)
                 for folder in member_folders(recipe, checkpoint_dir) for name in CHECKPOINT_FILES]
     return outputs
+
+
+def check_no_stale_members(options, recipe):
+    """OutputError if an earlier run with more members left memberK/ folders this run would
+    not overwrite: a `member*/best.pt` glob would then mix the two runs' models."""
+    for folder in round_folders(options, recipe):
+        stale = stale_member_folders(recipe, folder)
+        if stale:
+            raise OutputError(f"--checkpoint-dir {options.checkpoint_dir}: {', '.join(stale)} left by an earlier run "
+                              f"with more members; `member*/best.pt` would mix them with this run's "
+                              f"{member_count(recipe)}: move them away or pass another --checkpoint-dir")
 
 
 def load_data(options, recipe, log):
@@ -225,6 +246,7 @@ def train_and_submit(options, recipe, device, log=print):
     options.data = find_data(options.data)  # data/, the Kaggle CLI's zip, or a notebook's input folder
     inputs = csv_files(options.data, "train.csv") + csv_files(options.data, "test.csv")
     check_outputs(planned_outputs(options, recipe), inputs)
+    check_no_stale_members(options, recipe)
     full, test_images = load_data(options, recipe, log)
     first = plan(recipe, full.labels, options.checkpoint_dir, options.seed)[0]
     processes = f" in each of {world_size} processes" if world_size > 1 else ""
@@ -284,8 +306,9 @@ def run(log=print, **flags):
     DataError, CheckpointError or OutputError), a diverged run TrainingDiverged.
     """
     argv = []
+    on_off_settings = {field.name for _, field in setting_fields(Recipe())}  # --tta / --no-tta
     for name, value in flags.items():
-        if value is None:  # as if not given
+        if value is None or value is False and name not in on_off_settings:  # as if not given (--resume: off)
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

@@ -115,8 +115,11 @@ def test_dry_run_writes_nothing_and_leaves_a_real_run_alone(kaggle_dir, tmp_path
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(content)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    assert main.main(["--data", str(kaggle_dir), "--dry-run", "--checkpoint-dir", "ck", "--widths", "4", "8", "8"]) == 0
-    assert "dry run: everything worked" in capsys.readouterr().out
+    assert main.main(["--data", str(kaggle_dir), "--dry-run", "--checkpoint-dir", "ck", "--widths", "4", "8", "8",
+                      "--epochs", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: everything worked" in out
+    assert "epoch   1/1 " in out and "epoch   2/" not in out  # one epoch of one batch, whatever --epochs says
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     assert all((tmp_path / name).read_bytes() == content for name, content in real_run.items())
 
@@ -195,3 +198,24 @@ def test_training_whose_warmup_is_exactly_one_step_runs(tmp_path):
     history = train(DigitRecognizerModel(ModelConfig(widths=(4, 8, 8))), data.subset(torch.arange(160)),
                     data.subset(torch.arange(160, 200)), recipe, CPU, str(tmp_path), log=lambda *_: None)
     assert len(history) == 1
+
+
+def test_run_takes_false_for_every_on_off_flag(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(main, "_run", lambda options, recipe, log: seen.update(options=options, recipe=recipe))
+    main.run(resume=False, quiet=False, dry_run=False, tta=False, full_train=True)
+    assert not (seen["options"].resume or seen["options"].quiet or seen["options"].dry_run)
+    assert (seen["recipe"].ensemble.tta, seen["recipe"].ensemble.full_train) == (False, True)
+    main.run(resume=True, tta=True)
+    assert seen["options"].resume and seen["recipe"].ensemble.tta
+
+
+def test_resuming_a_last_pt_from_an_older_version_names_the_setting_it_lacks():
+    from trainer import check_resumable
+    from DigitRecognizerModel import CheckpointError
+    state = {"optimizer": {}, "identity": {"epochs": 30, "seed": 0}}
+    with pytest.raises(CheckpointError, match=r"ck/last.pt: was trained on another recipe or data \(it records no "
+                                              r"--mix-epochs: written by an older version of this suite\)"):
+        check_resumable(state, "ck/last.pt", {"epochs": 30, "seed": 0, "mix_epochs": 0}, {"mix_epochs": "--mix-epochs"})
+    with pytest.raises(CheckpointError, match=r"\(--epochs 30, not 4\)"):
+        check_resumable(state, "ck/last.pt", {"epochs": 4, "seed": 0}, {"epochs": "--epochs"})

@@ -246,6 +246,17 @@ def test_kaggle_root_argument_overrides_the_environment(kaggle_dir, tmp_path, ka
         find_data()
 
 
+def test_an_empty_kaggle_input_variable_means_the_default_not_the_current_folder(tmp_path, monkeypatch):
+    from dataloader import KAGGLE_INPUT_ENV
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(KAGGLE_INPUT_ENV, "")
+    (tmp_path / "digit-recognizer").mkdir()  # would be found if '' meant the current folder
+    write_csv(tmp_path / "digit-recognizer" / "train.csv", *make_digits(20))
+    with pytest.raises(DataError) as error:
+        find_data()
+    assert os.path.join("/kaggle/input", "digit-recognizer") in str(error.value)
+
+
 def test_a_folder_with_both_test_csv_and_test_csv_gz_is_ambiguous(kaggle_dir):
     with open(kaggle_dir / "test.csv", "rb") as src, gzip.open(kaggle_dir / "test.csv.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)

@@ -88,6 +88,8 @@ def test_presets_and_the_flags_that_override_them():
     (["--folds", "3", "--full-train"], "--folds K takes K >= 2"),
     (["--mix-epochs", "5"], "--mix-epochs 5 sets the epochs of the --mix members, but --mix is none"),
     (["--preset", "best", "--mix", "none", "--mix-epochs", "9"], "--mix-epochs 9 sets the epochs of the --mix"),
+    (["--mix", "deotte"], "--mix deotte makes every other member of an ensemble another architecture, but this run "
+                          "trains one model"),
 ])
 def test_ensembles_that_cannot_work_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -310,6 +310,9 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
     "11 classes": (lambda path, marker, good: save_checkpoint(path, DigitRecognizerModel(ModelConfig(num_classes=11))),
                    "cannot be used: it predicts 11 classes, not the 10 digits"),
     "NaN weights": (write_with_nan_weight, "cannot be used: its weights hold NaN or Inf values"),
+    "recipe not a dict": (lambda path, marker, good: torch.save({**torch.load(good, weights_only=True),
+                                                                 "identity": "x"}, path),
+                          "not a checkpoint written by this suite (its recipe is not a dict)"),
     "widths 100000 with small tensors": (write_with_config(arch="cnn", widths=(100000, 100000, 100000)),
                                          "cannot be used: widths (100000, 100000, 100000) are outside 1-1024"),
     "widths 1024 with small tensors": (write_with_config(arch="cnn", widths=(1024, 1024, 1024)),
@@ -540,6 +543,44 @@ def test_an_output_that_is_a_symlink_writes_its_target_and_keeps_the_link(capsys
     code, _, err = cli(capsys, inference, *argv)
     assert (code, err) == (0, [])
     assert link.is_symlink() and target.read_text().startswith("ImageId,Label\n1,")
+
+
+def test_an_output_that_is_a_loop_of_symlinks_is_refused_and_stays_a_link(capsys, tmp_path, out):
+    loop = symlink(tmp_path / "loop1", tmp_path / "loop2")
+    symlink(tmp_path / "loop2", loop)
+    argv = inference_argv(write_data(tmp_path / "data") / "test.csv", out)
+    argv[argv.index("--output") + 1] = loop
+    code, _, err = cli(capsys, inference, *argv)
+    assert_user_error(code, err, f"--output {loop}: is a loop of symlinks")
+    assert loop.is_symlink() and (tmp_path / "loop2").is_symlink()
+
+
+@pytest.mark.parametrize("held, used, says", [
+    ("ckpt", "ckpt/member1", "--checkpoint-dir {out}/ckpt/member1: is inside {out}/ckpt, the --checkpoint-dir of "
+                             "another run (pid {pid}:"),
+    ("ckpt/member1", "ckpt", "--checkpoint-dir {out}/ckpt: in use by another run (a run in a folder inside it)"),
+])
+def test_a_run_inside_another_runs_checkpoint_folder_is_refused(capsys, tmp_path, out, held, used, says):
+    from files import folder_lock
+    data = write_data(tmp_path / "data")
+    argv = [*main_argv(data, out), "--widths", 4, 8, 8, "--report", ""]
+    argv[argv.index("--checkpoint-dir") + 1] = out / used
+    with folder_lock(str(out / held)):
+        before = snapshot(out)
+        code, stdout, err = cli(capsys, main, *argv)
+        assert_user_error(code, err, says.format(out=out, pid=os.getpid()))
+        assert "epoch" not in stdout and snapshot(out) == before
+
+
+def test_member_folders_an_earlier_bigger_ensemble_left_are_refused(capsys, tmp_path, out):
+    data = write_data(tmp_path / "data")
+    (out / "ckpt" / "member3").mkdir(parents=True)
+    (out / "ckpt" / "member3" / "best.pt").write_bytes(b"an earlier run's member")
+    before = snapshot(out)
+    code, stdout, err = cli(capsys, main, *main_argv(data, out), "--ensemble", 2, "--widths", 4, 8, 8)
+    assert_user_error(code, err, f"--checkpoint-dir {out / 'ckpt'}: {out / 'ckpt' / 'member3'} left by an earlier "
+                                 f"run with more members; `member*/best.pt` would mix them with this run's 2")
+    assert "epoch" not in stdout and snapshot(out) == before
 
 
 def test_a_line_break_inside_a_cell_or_a_flag_is_still_one_line(capsys, tmp_path, out):
