@@ -60,7 +60,7 @@ def find_data(path=None, names=("train.csv", "test.csv"), kaggle_root=None):
         if path is None:
             raise DataError(f"found no {' or '.join(names)} in {', '.join(candidates)}; {GET_THE_DATA}, "
                             f"or pass the folder or zip that holds the data")
-    if len(names) > 1 and os.path.isfile(path) and not _is_zip(path):
+    if len(names) > 1 and os.path.exists(path) and not os.path.isdir(path) and not _is_zip(path):  # a file or pipe
         raise DataError(f"{path}: one CSV file cannot be both {' and '.join(names)} (the test set would be the "
                         f"training images); pass the folder or the Kaggle zip that holds them all")
     for name in names:
@@ -110,6 +110,9 @@ def _resolve_zip_member(path, name):
         raise DataError(_damaged_zip(path, e)) from None
     if not members:
         raise DataError(f"{path}: zip has no {name}; pass the digit-recognizer.zip that Kaggle ships")
+    if len(members) > 1:
+        raise DataError(f"{path}: zip holds {len(members)} files named {name} ({', '.join(m.filename for m in members)})"
+                        f"; pass a zip or folder with one")
     member, label = members[0], f"{path}:{members[0].filename}"
     if member.flag_bits & 0x1:  # the zip format's "encrypted" bit
         raise DataError(f"{label}: is encrypted; unzip it with its password and pass the folder, "

@@ -231,6 +231,23 @@ def test_unreadable_zip_is_one_line_naming_it_and_the_fix(tmp_path, case):
     assert str(error.value).startswith(str(path)) and expected in str(error.value)
 
 
+def test_a_zip_with_two_train_csvs_is_refused_naming_both(tmp_path):
+    path = tmp_path / "two.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for folder in ("a", "b"):
+            archive.writestr(f"{folder}/train.csv", "\n".join(good_lines(True)) + "\n")
+    with pytest.raises(DataError, match=r"two.zip: zip holds 2 files named train.csv \(a/train.csv, b/train.csv\); "
+                                        r"pass a zip or folder with one"):
+        load_train(str(path))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_as_the_data_of_a_run_is_refused_without_reading_it(tmp_path):
+    os.mkfifo(tmp_path / "pipe")  # nobody writes to it: opening it to read would block forever
+    with pytest.raises(DataError, match="pipe: one CSV file cannot be both train.csv and test.csv"):
+        find_data(str(tmp_path / "pipe"))
+
+
 # ----------------------------------------------------------------------------- finding the data
 
 def test_finds_data_folder_first(kaggle_dir, kaggle_input):
