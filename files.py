@@ -189,6 +189,8 @@ def folder_lock(folder, flag="--checkpoint-dir"):
             except BlockingIOError:
                 raise OutputError(f"{flag} {folder}: is inside {above}, the {flag} of another run "
                                   f"({_holder(above)}); wait for it to finish or pass a folder outside it") from None
+            except OSError:
+                continue  # a file system without flock up there: no run can hold it either
         holder_file = os.path.join(folder, ".run")
         atomic_write_text(holder_file, f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
         try:
