@@ -24,14 +24,14 @@ import torch
 
 from DigitRecognizerModel import ARCHITECTURES
 from dataloader import DigitDataset, stratified_split
-from recipe import VAL_FRACTION
+from recipe import VAL_FRACTION, Recipe
 
 
 @dataclass
 class Member:
     index: int
     seed: int
-    recipe: object  # recipe.Recipe this member trains with (its architecture and epochs under --mix)
+    recipe: Recipe  # what this member trains with: the run's, or under --mix its architecture and epochs
     folder: str
     train_rows: torch.Tensor  # indices into train.csv
     val_rows: torch.Tensor

@@ -33,7 +33,8 @@ import torch
 
 from DigitRecognizerModel import CheckpointError, build_model
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fail, flatten_settings,
-                 launched_world_size, ranged, replace_settings, setting_fields, settings_from_flags, sigterm_as_interrupt)
+                 launched_world_size, ranged, replace_settings, setting_fields, settings_from_flags,
+                 sigterm_as_interrupt)
 from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
