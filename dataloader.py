@@ -203,7 +203,9 @@ def _read_chunks(label, opener, chunk_rows, dtype=None):
         raise DataError(f"{label}: {detail}; every line needs the header's number of cells") from None
     except zipfile.BadZipFile as e:
         raise DataError(_damaged_zip(label, e)) from None
-    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
+    except (zlib.error, EOFError) as e:  # a corrupt deflate stream (zip or .gz), or a .gz cut short
+        raise DataError(f"{label}: damaged compressed data ({e}); download or compress it again") from None
+    except (UnicodeDecodeError, OSError) as e:
         raise DataError(f"{label}: not a readable CSV ({type(e).__name__}); pass the Kaggle train.csv/test.csv") from None
 
 

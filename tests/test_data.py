@@ -195,6 +195,11 @@ def zip_patched(tmp_path, patch):
     return path
 
 
+def garble_compressed_data(data, local, central):
+    start = local + 30 + len("train.csv") + 2  # past the local header and the file name, into the deflate stream
+    data[start:start + 12] = bytes(b ^ 0xFF for b in data[start:start + 12])
+
+
 def set_encrypted(data, local, central):  # bit 0 of the flags: what zip tools write for a password
     data[local + 6] |= 1
     data[central + 8] |= 1
@@ -219,6 +224,8 @@ BAD_ZIPS = {
     "corrupt central directory": (garble_central_directory, "digit-recognizer.zip: damaged zip (Bad magic number "
                                                             "for central directory); download"),
     "truncated": (truncate, "digit-recognizer.zip: damaged zip"),
+    "corrupt deflate stream": (garble_compressed_data, "digit-recognizer.zip:train.csv: damaged compressed data "
+                                                       "(Error -3 while decompressing data"),
 }
 
 
