@@ -81,14 +81,14 @@ def atomic_write_bytes(path, data: bytes):
 def check_regular_file(path, flag=None):
     """OutputError if `path` exists and is not a regular file (a device, pipe or socket, such
     as /dev/null or /dev/stdout): renaming a file onto it would replace it."""
+    where = f"{flag} {path}" if flag else path
     try:
         mode = os.stat(path).st_mode  # follows symlinks
     except OSError as e:
         if e.errno == errno.ELOOP:  # writing would replace the link itself
-            raise OutputError(f"{f'{flag} ' if flag else ''}{path}: is a loop of symlinks; give a file path") from None
+            raise OutputError(f"{where}: is a loop of symlinks; give a file path") from None
         return  # nothing there yet (or unreadable: the write itself will say)
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        where = f"{flag} {path}" if flag else path
         raise OutputError(f"{where}: is a device, pipe or socket, not a file; give a file path")
 
 

@@ -309,7 +309,7 @@ def run(log=print, **flags):
     argv = []
     on_off_settings = {field.name for _, field in setting_fields(Recipe())}  # --tta / --no-tta
     for name, value in flags.items():
-        if value is None or value is False and name not in on_off_settings:  # as if not given (--resume: off)
+        if value is None or (value is False and name not in on_off_settings):  # as if not given (--resume: off)
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
