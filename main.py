@@ -109,6 +109,8 @@ def parse_args(argv, parser_class=ArgumentParser):
     if options.mix_epochs and recipe.ensemble.mix == "none":  # given, not a preset's (best --mix none is fine)
         parser.error(f"--mix-epochs {options.mix_epochs} sets the epochs of the --mix members, but --mix is "
                      f"none: add --mix ARCH, or drop --mix-epochs")
+    if member_count(recipe) == 1 and recipe.ensemble.mix != "none":  # a preset's --mix, e.g. best --folds 0
+        recipe = replace_settings(recipe, {"mix": "none", "mix_epochs": 0})  # the checkpoints say what trained
     if options.dry_run:  # one epoch of one batch per member
         recipe = replace_settings(recipe, {"epochs": 1, "mix_epochs": 0})
     return options, recipe
@@ -254,6 +256,9 @@ def train_and_submit(options, recipe, device, log=print):
     folds = f" (fold 1 of {recipe.ensemble.folds})" if recipe.ensemble.folds else ""
     log(f"data: {len(first.train_rows):,} train / {len(first.val_rows):,} validation{folds} / {len(test_images):,} "
         f"test images; device {device}, {torch.get_num_threads()} threads{processes}")
+    preset_mix = preset(options.preset).ensemble.mix
+    if member_count(recipe) == 1 and preset_mix != "none":
+        log(f"one model: --preset {options.preset}'s --mix {preset_mix} applies to ensembles only, so it is off")
     if recipe.ensemble.full_train:
         log(f"full-train: no validation split; the model after epoch {recipe.train.epochs} is the one submitted")
     if options.resume and not os.path.exists(os.path.join(first.folder, "last.pt")):  # before the lock makes the folder

@@ -83,6 +83,16 @@ def test_presets_and_the_flags_that_override_them():
     assert main.parse_args(["--preset", "fast", "--epochs", "2"])[1].train.epochs == 2
 
 
+def test_best_preset_with_one_model_turns_its_mix_off_and_says_so(kaggle_dir, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert main.main(["--data", str(kaggle_dir), "--preset", "best", "--folds", "0", "--epochs", "1",
+                      "--checkpoint-dir", str(ck), "--submission", str(tmp_path / "s.csv"), "--report", ""]) == 0
+    assert "one model: --preset best's --mix deotte applies to ensembles only, so it is off" in capsys.readouterr().out
+    state = load_checkpoint(str(ck / "best.pt"))
+    assert state["model_config"]["arch"] == "cnn"
+    assert (state["identity"]["mix"], state["identity"]["mix_epochs"]) == ("none", 0)  # the recipe that trained
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--folds", "1"], "--folds K takes K >= 2"), (["--folds", "3", "--ensemble", "2"], "--folds K takes K >= 2"),
     (["--folds", "3", "--full-train"], "--folds K takes K >= 2"),
