@@ -195,6 +195,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: checkpoint not found; train one with `python main.py` first")
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory; pass the checkpoint file, e.g. {path}/best.pt")
+    if not os.path.isfile(path):  # reading a pipe would wait for a writer forever
+        raise CheckpointError(f"{path}: is a device, pipe or socket, not a checkpoint file; pass a best.pt")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; errors say enough
             warnings.simplefilter("ignore")

@@ -167,11 +167,15 @@ def run_command(run, args, failures=()) -> int:
     """A command's exit code: 0 when `run(args)` works, 2 for bad input (UserError), 1 for
     the `failures` it names (e.g. a check that did not pass); each failure is one line."""
     try:
-        run(args)
+        with sigterm_as_interrupt():
+            run(args)
     except UserError as e:
         return fail(e)
     except failures as e:
         return fail(e, code=1)
+    except KeyboardInterrupt:  # outputs are atomic: each one is complete or not there
+        print("\ninterrupted; an output not finished was not written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -63,8 +63,10 @@ def find_data(path=None, names=("train.csv", "test.csv"), kaggle_root=None):
     if len(names) > 1 and os.path.exists(path) and not os.path.isdir(path) and not _is_zip(path):  # a file or pipe
         raise DataError(f"{path}: one CSV file cannot be both {' and '.join(names)} (the test set would be the "
                         f"training images); pass the folder or the Kaggle zip that holds them all")
-    for name in names:
-        resolve_csv(path, name)
+    files = [resolve_csv(path, name)[0] for name in names]
+    if len(files) == 2 and all(os.path.isfile(f) for f in files) and os.path.samefile(*files):  # e.g. a symlink
+        raise DataError(f"{files[1]}: is the same file as {files[0]} (the test set would be the training images); "
+                        f"put Kaggle's {names[1]} there")
     return path
 
 
@@ -99,7 +101,7 @@ def resolve_csv(path: str, name: str):
 
 
 def _open_file(path):
-    return gzip.open(path) if str(path).endswith(".gz") else open(path, "rb")
+    return gzip.open(path) if str(path).lower().endswith(".gz") else open(path, "rb")
 
 
 def _resolve_zip_member(path, name):
@@ -155,6 +157,9 @@ class _LineBoundedReader(io.BufferedIOBase):
 
     def read(self, size=-1):
         block = self._raw.read(size)
+        if self._lines_ended == 0 and self._line_bytes == 0 and block[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise DataError(f"{self._label}: is UTF-16 text (it starts with a UTF-16 byte order mark); save it as "
+                            f"UTF-8 or plain ASCII, as Kaggle ships it")
         start = -self._line_bytes  # where the current line began, relative to this block
         while len(block) - start > MAX_LINE_BYTES:
             # Lines are short: jump to the last line end within reach of the line start.
@@ -217,6 +222,9 @@ def _check_columns(label, columns, expect_label):
         for separator, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'"), (" ", "spaces")):
             if separator in columns[0]:
                 raise DataError(f"{label}: uses {name} between cells; Kaggle's CSVs use commas")
+    if not any(c == "label" or c.startswith("pixel") for c in columns):
+        raise DataError(f"{label}: no header line (the first line is {', '.join(columns[:3])}, ...); add Kaggle's "
+                        f"header, {'label,' if expect_label else ''}pixel0,...,pixel783, as the first line")
     pixel_columns = [c for c in columns if c != "label"]
     if expect_label and "label" not in columns:
         raise DataError(f"{label}: no 'label' column; a training CSV needs label,pixel0..pixel783")

@@ -52,7 +52,9 @@ def atomic_open(path, mode="w"):
         os.makedirs(folder, exist_ok=True)
         fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        with open(fd, mode, newline=None if "b" in mode else "") as f:
+        # surrogateescape: a file name from argv that is not UTF-8 is written back as its own bytes
+        text = {} if "b" in mode else {"newline": "", "errors": "surrogateescape"}
+        with open(fd, mode, **text) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -105,14 +107,18 @@ def check_writable(flag, path):
     Tries a real temp file in the nearest existing folder (permissions, read-only file
     systems and full disks all show up), and creates nothing else.
     """
-    if not path:
-        raise OutputError(f"{flag} is empty; give a file path")
     if os.path.isdir(path):
         raise OutputError(f"{flag} {path}: is a folder; pass the path of a file in it")
     check_regular_file(path, flag)
-    folder = _nearest_existing_folder(os.path.realpath(path))
+    target = os.path.realpath(path)
+    folder = _nearest_existing_folder(target)
     if not os.path.isdir(folder):
         raise OutputError(f"{flag} {path}: {folder} is a file, not a folder; choose another path")
+    longest = os.pathconf(folder, "PC_NAME_MAX")  # bytes per name: 255 on most file systems
+    for name in os.path.relpath(target, folder).split(os.sep):  # the names still to be made
+        if len(os.fsencode(name)) > longest:
+            raise OutputError(f"{flag} {path}: the name {name[:20]}... is {len(os.fsencode(name))} bytes, longer "
+                              f"than the {longest} this file system allows; choose a shorter name")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
@@ -129,6 +135,19 @@ def _same_file(a, b):
         return False
 
 
+def _is_inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def check_replaces_only_csv(flag, path):
+    """OutputError if `path`, where a CSV goes, is an existing file not named .csv: a typo such
+    as `--output ck/best.pt` would replace a checkpoint, a script or a photo with CSV text."""
+    if path and os.path.isfile(path) and not path.lower().endswith(".csv"):
+        raise OutputError(f"{flag} {path}: would replace a file that is not a .csv with CSV text; "
+                          f"give a .csv path, or move that file first")
+
+
 def check_outputs(outputs, inputs):
     """OutputError unless every output can be written and clobbers nothing it must not.
 
@@ -136,6 +155,9 @@ def check_outputs(outputs, inputs):
     An output may not be an input (it would replace the user's data) or another output
     (one would overwrite the other).
     """
+    for flag, path in outputs:
+        if not path:  # before the comparisons: '' would resolve to the current folder
+            raise OutputError(f"{flag} is empty; give a file path")
     for index, (flag, path) in enumerate(outputs):
         for source in inputs:
             if source and _same_file(path, source):
@@ -145,14 +167,21 @@ def check_outputs(outputs, inputs):
             if _same_file(path, other):
                 raise OutputError(f"{flag} {path}: is also the {other_flag} output of this run; "
                                   f"give each output its own path")
+            for file, above, file_flag, above_flag in ((path, other, flag, other_flag), (other, path, other_flag, flag)):
+                if _is_inside(file, above):  # the file's folder would have to be the other's file
+                    raise OutputError(f"{above_flag} {above}: is a folder of the {file_flag} output {file}, so "
+                                      f"it cannot be a file too; give each output its own path")
     for flag, path in outputs:
         check_writable(flag, path)
 
 
+HOLDER_FILE = ".digit-recognizer-run"  # in a locked folder: who holds it; a name no user file has
+
+
 def _holder(folder):
-    with contextlib.suppress(OSError), open(os.path.join(folder, ".run")) as f:
+    with contextlib.suppress(OSError), open(os.path.join(folder, HOLDER_FILE), errors="replace") as f:
         return f.read().strip() or "pid unknown"
-    return "a run in a folder inside it"  # it holds a shared lock here, and no .run
+    return "a run in a folder inside it"  # it holds a shared lock here, and no holder file
 
 
 @contextlib.contextmanager
@@ -162,7 +191,7 @@ def folder_lock(folder, flag="--checkpoint-dir"):
 
     The locks are on the folders themselves (flock): exclusive on `folder`, shared on each
     folder above it. The OS frees them when the process dies, so a killed run never leaves
-    a stale lock; `.run` in the folder names the holder for the message and goes when the
+    a stale lock; HOLDER_FILE in the folder names the holder for the message and goes when the
     run ends.
     """
     descriptors = []
@@ -191,7 +220,7 @@ def folder_lock(folder, flag="--checkpoint-dir"):
                                   f"({_holder(above)}); wait for it to finish or pass a folder outside it") from None
             except OSError:
                 continue  # a file system without flock up there: no run can hold it either
-        holder_file = os.path.join(folder, ".run")
+        holder_file = os.path.join(folder, HOLDER_FILE)
         atomic_write_text(holder_file, f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
         try:
             yield

@@ -28,7 +28,7 @@ import torch
 from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, choose_device, run_command
 from dataloader import CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv, warp
-from files import atomic_open, check_outputs
+from files import atomic_open, check_outputs, check_replaces_only_csv
 from report import report_files, write_report
 
 
@@ -177,9 +177,10 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.report == "":
         parser.error("--report '' names no folder; give the folder for the report")
-    if args.report is not None and args.output:
+    if args.report is not None and args.output is not None:
         parser.error("--report scores a labelled file and writes no submission; drop --output")
-    args.output = None if args.report is not None else (args.output or "final_submission.csv")
+    if args.output is None and args.report is None:
+        args.output = "final_submission.csv"  # '' stays '' and is refused: never the default file by accident
     return args
 
 
@@ -199,6 +200,8 @@ def run(args, log=print):
     args.input = find_data(args.input, names=(name,))  # data/, the Kaggle CLI's zip, or a notebook's input
     inputs = [*args.checkpoint, *csv_files(args.input, name)]
     check_outputs(planned_outputs(args), inputs)
+    for flag, path in (("--output", args.output), ("--probs", args.probs)):
+        check_replaces_only_csv(flag, path)
     device = choose_device(args.device)
     states = [load_checkpoint(path) for path in args.checkpoint]
     models = [ready_to_predict(state, path, device) for state, path in zip(states, args.checkpoint)]

@@ -38,7 +38,7 @@ from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fa
 from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
-from files import OutputError, check_outputs, folder_lock
+from files import HOLDER_FILE, OutputError, check_outputs, check_replaces_only_csv, folder_lock
 from inference import csv_files, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, preset, preset_notes
 from report import report_files, write_report
@@ -97,6 +97,8 @@ def parse_args(argv, parser_class=ArgumentParser):
     if recipe.train.batch_size % world_size or recipe.train.batch_size < 2 * world_size:
         parser.error(f"--batch-size {recipe.train.batch_size} is the global batch; it must divide evenly "
                      f"over the {world_size} process(es), at least 2 images each (BatchNorm needs 2)")
+    if not options.checkpoint_dir:
+        parser.error("--checkpoint-dir is empty; give a folder path (default: checkpoints)")
     if len(recipe.model.widths) != 3:
         parser.error(f"--widths takes 3 numbers, got {len(recipe.model.widths)}")
     folds = recipe.ensemble.folds
@@ -124,7 +126,8 @@ def round_folders(options, recipe):
 
 def planned_outputs(options, recipe):
     """[(flag, path)] of every file the run will write, for the checks before it starts."""
-    outputs = [("--submission", options.submission)]
+    outputs = [("--submission", options.submission), ("--checkpoint-dir", os.path.join(options.checkpoint_dir,
+                                                                                         HOLDER_FILE))]
     outputs += [("--report", path) for path in report_files(options.report)] if options.report else []
     outputs += [("--checkpoint-dir", os.path.join(folder, name)) for checkpoint_dir in round_folders(options, recipe)
                 for folder in member_folders(recipe, checkpoint_dir) for name in CHECKPOINT_FILES]
@@ -249,6 +252,7 @@ def train_and_submit(options, recipe, device, log=print):
     options.data = find_data(options.data)  # data/, the Kaggle CLI's zip, or a notebook's input folder
     inputs = csv_files(options.data, "train.csv") + csv_files(options.data, "test.csv")
     check_outputs(planned_outputs(options, recipe), inputs)
+    check_replaces_only_csv("--submission", options.submission)
     check_no_stale_members(options, recipe)
     full, test_images = load_data(options, recipe, log)
     first = plan(recipe, full.labels, options.checkpoint_dir, options.seed)[0]

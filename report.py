@@ -418,8 +418,15 @@ FIGURE_CAPTIONS = {  # file name -> caption, in page order
 }
 
 
+def _plain_title(text):
+    """`text` (e.g. an input's file name) as matplotlib draws it literally: '$' would start
+    math notation, and bytes that are not UTF-8 (kept as surrogates) cannot be drawn."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("$", r"\$")
+
+
 def _draw_figures(target, dataset, name, matrix, rows, mistakes, history, augment_config, train_set, test):
     """Every figure the inputs allow: {file name: path}; {} (with a log line) without matplotlib."""
+    name = _plain_title(name)
     images, labels = dataset.images.cpu(), dataset.labels.cpu()
     test_images, test_probabilities, unsure = test
     figures = {}

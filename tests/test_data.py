@@ -54,7 +54,8 @@ def test_reads_zip_gz_and_plain_csv_alike(kaggle_dir, tmp_path):
     with open(kaggle_dir / "test.csv", "rb") as src, gzip.open(gz_dir / "test.csv.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     reference = load_test(str(kaggle_dir))
-    for source in (zip_path, gz_dir, gz_dir / "test.csv.gz", kaggle_dir / "test.csv"):
+    shutil.copy(gz_dir / "test.csv.gz", tmp_path / "TEST.CSV.GZ")  # as some tools name it
+    for source in (zip_path, gz_dir, gz_dir / "test.csv.gz", tmp_path / "TEST.CSV.GZ", kaggle_dir / "test.csv"):
         assert torch.equal(load_test(str(source)), reference)
     assert torch.equal(load_train(str(zip_path))[1], load_train(str(kaggle_dir))[1])
 
@@ -124,6 +125,8 @@ BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must sa
     "200 KB line": (edit_line(lambda t: "7" * 200_000, line=2), f"line 2 is {MAX_LINE_BYTES + 1:,}+ bytes long"),
     "200 KB header": (edit_line(lambda t: "pixel" * 40_000, line=1), f"line 1 is {MAX_LINE_BYTES + 1:,}+ bytes"),
     "binary, not CSV": (lambda lines: np.random.default_rng(0).bytes(4096), "not a readable CSV"),
+    "UTF-16": (lambda lines: ("\n".join(lines) + "\n").encode("utf-16"), "is UTF-16 text"),
+    "no header line": (lambda lines: "\n".join(lines[1:]) + "\n", "no header line (the first line is "),
 }
 BAD_TRAIN_CONTENT = {
     "no label column": (lambda lines: "\n".join(t.split(",", 1)[1] for t in lines) + "\n", "no 'label' column"),
@@ -295,6 +298,10 @@ def test_one_csv_cannot_be_both_training_and_test_set(kaggle_dir):
         find_data(train_csv)
     assert find_data(train_csv, names=("train.csv",)) == train_csv  # inference --report takes one labelled file
     assert find_data(str(kaggle_dir)) == str(kaggle_dir)
+    (kaggle_dir / "test.csv").unlink()
+    (kaggle_dir / "test.csv").symlink_to(kaggle_dir / "train.csv")  # the same file under the other name
+    with pytest.raises(DataError, match=f"test.csv: is the same file as {train_csv} .*put Kaggle's test.csv there"):
+        find_data(str(kaggle_dir))
 
 
 # ----------------------------------------------------------------------------- the training set

@@ -312,6 +312,15 @@ def test_inference_report_on_labelled_csv(tmp_path, checkpoint, monkeypatch):
     assert not os.path.exists("final_submission.csv")  # --report scores, it does not predict for Kaggle
 
 
+@pytest.mark.parametrize("name", ["tr$_$x.csv", os.fsdecode(b"tr\xff.csv")], ids=["dollars", "not UTF-8"])
+def test_inference_report_on_a_file_whose_name_matplotlib_would_misread(tmp_path, checkpoint, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path / name, *make_digits(30, seed=4))
+    assert inference.main(["--checkpoint", checkpoint, "--input", name, "--report", "rep"]) == 0
+    assert set(os.listdir("rep")) == PNGS - {"learning_curves.png", "augmentation.png"} | TABLES
+    assert os.fsencode(name) in open("rep/index.html", "rb").read()  # the page names the file as it is
+
+
 def test_inference_report_needs_labelled_input(tmp_path, checkpoint, capsys):
     unlabelled = write_csv(tmp_path / "test.csv", make_digits(20)[0])
     assert inference.main(["--checkpoint", checkpoint, "--input", unlabelled, "--report", str(tmp_path / "r")]) == 2

@@ -8,6 +8,8 @@ import functools
 import os
 import pickle
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -23,7 +25,7 @@ import trainer
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, save_checkpoint
 from conftest import ROOT, ROWS, assert_user_error, cli, edit_cell, good_lines, make_digits, small_recipe, snapshot
 from DigitRecognizerModel import CheckpointError
-from files import OutputError
+from files import HOLDER_FILE, OutputError
 from dataloader import DigitDataset, augment
 
 
@@ -132,7 +134,7 @@ def test_inference_folder_where_a_file_is_expected(capsys, tmp_path, out, flag, 
 
 @pytest.mark.parametrize("flag, value, expected", [
     ("--submission", ".", "is a folder"),  # checked before training, not after it
-    ("--checkpoint-dir", "final_submission.csv", "is a file, not a folder"),
+    ("--checkpoint-dir", "ckpt/best.pt", "is a file, not a folder"),
 ])
 def test_main_folder_and_file_mixed_up(capsys, tmp_path, out, flag, value, expected):
     argv = main_argv(write_data(tmp_path / "data"), out)
@@ -315,6 +317,7 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
                           "not a checkpoint written by this suite (its recipe is not a dict)"),
     "widths 100000 with small tensors": (write_with_config(arch="cnn", widths=(100000, 100000, 100000)),
                                          "cannot be used: widths (100000, 100000, 100000) are outside 1-1024"),
+    "a pipe": (lambda path, marker, good: os.mkfifo(path), "is a device, pipe or socket, not a checkpoint file"),
     "widths 1024 with small tensors": (write_with_config(arch="cnn", widths=(1024, 1024, 1024)),
                                        "cannot be used: features.0.weight is (16, 1, 3, 3), the config needs (1024,"),
 }
@@ -442,6 +445,21 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
                                              "--probs {}: is a device, pipe or socket, not a file"),
     "main --submission is a pipe": (main, "--submission", lambda t, o, d: fifo(t / "pipe.csv"),
                                     "--submission {}: is a device, pipe or socket, not a file"),
+    "main --submission is a folder above the checkpoints": (
+        main, "--submission", lambda t, o, d: o, "--submission {}: is a folder of the --checkpoint-dir output"),
+    "main --submission is the run lock's holder file": (
+        main, "--submission", lambda t, o, d: o / "ckpt" / HOLDER_FILE, "{}: is also the --submission output"),
+    "inference --output would replace a checkpoint": (
+        inference, "--output", lambda t, o, d: shutil.copy(o / "ckpt" / "best.pt", t / "copy.pt"),
+        "--output {}: would replace a file that is not a .csv"),
+    "main --submission would replace a script": (
+        main, "--submission", lambda t, o, d: shutil.copy(os.path.join(ROOT, "recipe.py"), t / "recipe.py"),
+        "--submission {}: would replace a file that is not a .csv"),
+    "inference --output is empty": (inference, "--output", lambda t, o, d: "", "--output is empty"),
+    "main --submission is longer than a file name may be": (
+        main, "--submission", lambda t, o, d: t / ("a" * 300 + ".csv"), "bytes, longer than the 255 this file system"),
+    "main --checkpoint-dir has a name longer than a file name may be": (
+        main, "--checkpoint-dir", lambda t, o, d: t / ("c" * 256) / "ck", "bytes, longer than the 255 this file system"),
     "main --submission is the checkpoint folder's history.csv": (
         main, "--submission", lambda t, o, d: o / "ckpt" / "history.csv", "history.csv: is also the --submission output"),
 }
@@ -527,10 +545,60 @@ def test_second_run_on_a_checkpoint_folder_in_use_is_refused_and_a_dead_holder_b
         assert_user_error(code, err, f"--checkpoint-dir {out / 'ckpt'}: in use by another run (pid {os.getpid()}:")
         assert "epoch" not in stdout
         assert snapshot(out) == before
-    (out / "ckpt" / ".run").write_text("pid 999999: python main.py\n")  # what a kill -9'd holder leaves
+    (out / "ckpt" / HOLDER_FILE).write_text("pid 999999: python main.py\n")  # what a kill -9'd holder leaves
     code, _, err = cli(capsys, main, *argv)
     assert (code, err) == (0, [])
     assert load_checkpoint(out / "ckpt" / "last.pt")["epoch"] == 1
+
+
+def test_a_users_file_named_run_in_the_checkpoint_folder_is_left_alone(capsys, tmp_path, out):
+    (out / "ckpt" / ".run").write_text("my run configuration\n")
+    code, _, err = cli(capsys, main, *main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8,
+                       "--report", "")
+    assert (code, err) == (0, [])
+    assert (out / "ckpt" / ".run").read_text() == "my run configuration\n"
+    assert not (out / "ckpt" / HOLDER_FILE).exists()  # the run's own holder file goes when it ends
+
+
+def test_a_path_that_is_not_utf8_works_through_the_real_command_line(tmp_path, out):
+    """File names are bytes on Linux; argv keeps undecodable ones as surrogates, which the
+    lock's holder file (it quotes the command) must write back as the same bytes."""
+    submission = os.fsencode(tmp_path) + b"/s\xe9.csv"
+    argv = [*map(str, main_argv(write_data(tmp_path / "data"), out)), "--widths", "4", "8", "8", "--report", ""]
+    argv[argv.index("--submission") + 1] = submission
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv], capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert os.path.exists(submission) and len(open(submission).read().splitlines()) == ROWS + 1
+
+
+def test_ctrl_c_or_sigterm_during_inference_is_one_line_and_leaves_no_partial_file(capsys, tmp_path, out,
+                                                                                   monkeypatch):
+    def stopped_midway(*args, probs_file=None, **kwargs):
+        probs_file.write("ImageId,p0\n1,0.5\n")  # part of the probabilities: never to be seen
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a notebook's stop button sends it
+    monkeypatch.setattr(inference, "predict_file", stopped_midway)
+    (out / "p.csv").write_text("old probabilities\n")
+    before = snapshot(out)
+    code, _, err = cli(capsys, inference, *inference_argv(write_data(tmp_path / "data") / "test.csv", out),
+                       "--probs", out / "p.csv")
+    assert code == 130 and err == ["interrupted; an output not finished was not written"]
+    assert snapshot(out) == before  # no .tmp- file, the old outputs untouched
+
+
+def test_an_empty_checkpoint_dir_is_refused_before_the_data_is_read(capsys, tmp_path, out):
+    argv = main_argv(write_data(tmp_path / "data"), out)
+    argv[argv.index("--checkpoint-dir") + 1] = ""
+    with pytest.raises(SystemExit) as stop:
+        main.parse_args([str(a) for a in argv])
+    assert stop.value.code == 2 and "--checkpoint-dir is empty" in capsys.readouterr().err
+
+
+def test_probs_path_that_is_the_report_folder_is_refused_before_scoring(capsys, tmp_path, out):
+    data = write_data(tmp_path / "data")
+    code, stdout, err = cli(capsys, inference, "--checkpoint", out / "ckpt" / "best.pt", "--input", data / "train.csv",
+                            "--report", tmp_path / "rep", "--probs", tmp_path / "rep")
+    assert_user_error(code, err, f"--probs {tmp_path / 'rep'}: is a folder of the --report output")
+    assert not (tmp_path / "rep").exists() and "per-class" not in stdout
 
 
 def test_an_output_that_is_a_symlink_writes_its_target_and_keeps_the_link(capsys, tmp_path, out):
