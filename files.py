@@ -47,6 +47,7 @@ def atomic_open(path, mode="w"):
     check_regular_file(path)
     target = os.path.realpath(path)  # through a symlink: replace its target, keep the link
     folder = os.path.dirname(target)
+    made = _missing_folders(folder)  # removed again if the write fails: a failed command leaves nothing
     tmp_path = None
     try:
         os.makedirs(folder, exist_ok=True)
@@ -68,6 +69,18 @@ def atomic_open(path, mode="w"):
         if tmp_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_path)
+            for made_folder in made:  # deepest first; one that holds something else stays
+                with contextlib.suppress(OSError):
+                    os.rmdir(made_folder)
+
+
+def _missing_folders(folder):
+    """The folders on the way to `folder` that do not exist yet, deepest first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
 def atomic_write_text(path, text):

@@ -585,6 +585,13 @@ def test_ctrl_c_or_sigterm_during_inference_is_one_line_and_leaves_no_partial_fi
     assert snapshot(out) == before  # no .tmp- file, the old outputs untouched
 
 
+def test_inference_that_fails_midway_leaves_no_folder_it_made_for_probs(capsys, tmp_path, out):
+    data = write_data(tmp_path / "data", test="\n".join(good_lines(False)) + "\n" + "1,2\n")  # a bad last line
+    code, _, err = cli(capsys, inference, *inference_argv(data / "test.csv", out), "--probs", tmp_path / "new" / "p.csv")
+    assert_user_error(code, err, "line 14, column 'pixel2': blank or NaN cell")
+    assert not (tmp_path / "new").exists()
+
+
 def test_an_empty_checkpoint_dir_is_refused_before_the_data_is_read(capsys, tmp_path, out):
     argv = main_argv(write_data(tmp_path / "data"), out)
     argv[argv.index("--checkpoint-dir") + 1] = ""
