@@ -163,9 +163,17 @@ def fail(error, code=2) -> int:
     return code
 
 
+def escape_unprintable_output():
+    """A file name that is not UTF-8 (argv keeps its bytes as surrogates) prints escaped, as
+    on stderr, instead of raising where the terminal's stdout is strict (en_US.UTF-8)."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def run_command(run, args, failures=()) -> int:
     """A command's exit code: 0 when `run(args)` works, 2 for bad input (UserError), 1 for
     the `failures` it names (e.g. a check that did not pass); each failure is one line."""
+    escape_unprintable_output()
     try:
         with sigterm_as_interrupt():
             run(args)

@@ -32,9 +32,9 @@ import time
 import torch
 
 from DigitRecognizerModel import CheckpointError, build_model
-from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fail, flatten_settings,
-                 launched_world_size, ranged, replace_settings, setting_fields, settings_from_flags,
-                 sigterm_as_interrupt)
+from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, escape_unprintable_output, fail,
+                 flatten_settings, launched_world_size, ranged, replace_settings, setting_fields,
+                 settings_from_flags, sigterm_as_interrupt)
 from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
@@ -330,6 +330,7 @@ def run(log=print, **flags):
 
 
 def main(argv=None) -> int:
+    escape_unprintable_output()
     options, recipe = parse_args(argv)
     try:
         with sigterm_as_interrupt():  # SIGTERM stops like Ctrl-C: last.pt holds the last whole epoch

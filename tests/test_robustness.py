@@ -566,8 +566,11 @@ def test_a_path_that_is_not_utf8_works_through_the_real_command_line(tmp_path, o
     submission = os.fsencode(tmp_path) + b"/s\xe9.csv"
     argv = [*map(str, main_argv(write_data(tmp_path / "data"), out)), "--widths", "4", "8", "8", "--report", ""]
     argv[argv.index("--submission") + 1] = submission
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv], capture_output=True, timeout=300)
+    strict = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # stdout as in an en_US.UTF-8 terminal
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv], capture_output=True, timeout=300,
+                          env=strict)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"wrote " + submission.replace(b"\xe9", b"\\udce9") in done.stdout  # escaped, not a traceback
     assert os.path.exists(submission) and len(open(submission).read().splitlines()) == ROWS + 1
 
 
