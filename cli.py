@@ -84,10 +84,17 @@ def launched_world_size() -> int:
     if not text.isdigit() or int(text) < 1:
         raise UserError(f"WORLD_SIZE={text!r} in the environment is not a process count; unset it "
                         f"or launch with torchrun")
-    if int(text) > 1 and not {"RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+    world_size = int(text)
+    if world_size > 1 and not {"RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
         raise UserError(f"WORLD_SIZE={text} is set but not RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; start "
                         f"the processes with torchrun, or unset WORLD_SIZE for one process")
-    return int(text)
+    if world_size > 1:  # set by hand, a bad one would hang in the process group's setup
+        for name, limit in (("RANK", world_size), ("LOCAL_RANK", world_size), ("MASTER_PORT", 65536)):
+            value = os.environ[name]
+            if not value.isdigit() or int(value) >= limit:
+                raise UserError(f"{name}={value!r} in the environment is not a number below {limit}; start the "
+                                f"processes with torchrun, or unset WORLD_SIZE for one process")
+    return world_size
 
 
 def setting_fields(config):

@@ -51,7 +51,9 @@ def atomic_open(path, mode="w"):
     tmp_path = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+        extension = os.path.splitext(path)[1]
+        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-",  # a long "extension" must not make it too long
+                                        suffix=extension if len(os.fsencode(extension)) <= 16 else "")
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         # surrogateescape: a file name from argv that is not UTF-8 is written back as its own bytes
         text = {} if "b" in mode else {"newline": "", "errors": "surrogateescape"}
@@ -153,12 +155,13 @@ def _is_inside(path, folder):
     return path != folder and os.path.commonpath([path, folder]) == folder
 
 
-def check_replaces_only_csv(flag, path):
-    """OutputError if `path`, where a CSV goes, is an existing file not named .csv: a typo such
-    as `--output ck/best.pt` would replace a checkpoint, a script or a photo with CSV text."""
-    if path and os.path.isfile(path) and not path.lower().endswith(".csv"):
-        raise OutputError(f"{flag} {path}: would replace a file that is not a .csv with CSV text; "
-                          f"give a .csv path, or move that file first")
+def check_replaces_only(flag, path, extension):
+    """OutputError if `path`, where an `extension` file goes, is an existing file (or a link to
+    one) of another name: a typo such as `--output ck/best.pt` would replace a checkpoint, a
+    script or a photo."""
+    if path and os.path.isfile(path) and not os.path.realpath(path).lower().endswith(extension):
+        raise OutputError(f"{flag} {path}: would replace a file that is not a {extension}; "
+                          f"give a {extension} path, or move that file first")
 
 
 def check_outputs(outputs, inputs):
@@ -171,6 +174,8 @@ def check_outputs(outputs, inputs):
     for flag, path in outputs:
         if not path:  # before the comparisons: '' would resolve to the current folder
             raise OutputError(f"{flag} is empty; give a file path")
+        if os.path.basename(path) in ("", ".", ".."):  # 'x/' or 'x/.': the checks below would not see x
+            raise OutputError(f"{flag} {path}: ends in a folder, not a file name; give a file path")
     for index, (flag, path) in enumerate(outputs):
         for source in inputs:
             if source and _same_file(path, source):
@@ -208,6 +213,7 @@ def folder_lock(folder, flag="--checkpoint-dir"):
     run ends.
     """
     descriptors = []
+    made = _missing_folders(os.path.abspath(folder))  # removed again if the lock is refused
     try:
         try:
             os.makedirs(folder, exist_ok=True)
@@ -240,6 +246,11 @@ def folder_lock(folder, flag="--checkpoint-dir"):
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(holder_file)
+    except OutputError:
+        for made_folder in made:  # deepest first; still empty, as nothing was written yet
+            with contextlib.suppress(OSError):
+                os.rmdir(made_folder)
+        raise
     finally:
         for descriptor in descriptors:
             os.close(descriptor)  # releases the locks

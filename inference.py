@@ -28,7 +28,7 @@ import torch
 from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, choose_device, run_command
 from dataloader import CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv, warp
-from files import atomic_open, check_outputs, check_replaces_only_csv
+from files import atomic_open, check_outputs, check_replaces_only
 from report import report_files, write_report
 
 
@@ -201,7 +201,7 @@ def run(args, log=print):
     inputs = [*args.checkpoint, *csv_files(args.input, name)]
     check_outputs(planned_outputs(args), inputs)
     for flag, path in (("--output", args.output), ("--probs", args.probs)):
-        check_replaces_only_csv(flag, path)
+        check_replaces_only(flag, path, ".csv")
     device = choose_device(args.device)
     states = [load_checkpoint(path) for path in args.checkpoint]
     models = [ready_to_predict(state, path, device) for state, path in zip(states, args.checkpoint)]

@@ -38,7 +38,7 @@ from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, es
 from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
-from files import HOLDER_FILE, OutputError, check_outputs, check_replaces_only_csv, folder_lock
+from files import HOLDER_FILE, OutputError, check_outputs, check_replaces_only, folder_lock
 from inference import csv_files, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, preset, preset_notes
 from report import report_files, write_report
@@ -113,6 +113,8 @@ def parse_args(argv, parser_class=ArgumentParser):
                      f"none: add --mix ARCH, or drop --mix-epochs")
     if member_count(recipe) == 1 and recipe.ensemble.mix != "none":  # a preset's --mix, e.g. best --folds 0
         recipe = replace_settings(recipe, {"mix": "none", "mix_epochs": 0})  # the checkpoints say what trained
+    if options.dry_run and options.resume:
+        parser.error("--dry-run writes into a temporary folder, so there is nothing to --resume there; drop one")
     if options.dry_run:  # one epoch of one batch per member
         recipe = replace_settings(recipe, {"epochs": 1, "mix_epochs": 0})
     return options, recipe
@@ -134,6 +136,15 @@ def planned_outputs(options, recipe):
     return outputs
 
 
+def check_run_outputs(options, recipe):
+    """Find the data, then OutputError for any output the run must not write (see files.py)."""
+    options.data = find_data(options.data)  # data/, the Kaggle CLI's zip, or a notebook's input folder
+    inputs = csv_files(options.data, "train.csv") + csv_files(options.data, "test.csv")
+    check_outputs(planned_outputs(options, recipe), inputs)
+    check_replaces_only("--submission", options.submission, ".csv")
+    check_no_stale_members(options, recipe)
+
+
 def check_no_stale_members(options, recipe):
     """OutputError if an earlier run with more members left memberK/ folders this run would
     not overwrite: a `member*/best.pt` glob would then mix the two runs' models."""
@@ -149,6 +160,10 @@ def load_data(options, recipe, log):
     """(all of train.csv as a DigitDataset, test images), checked before any training."""
     images, labels = load_train(options.data, log=log)
     test_images = load_test(options.data, log=log)  # read (and checked) before training, not after
+    fewest = min((count for count in torch.bincount(labels, minlength=10).tolist() if count), default=0)
+    if recipe.ensemble.folds > fewest:  # a fold would hold out no row of that digit, some none at all
+        raise DataError(f"--folds {recipe.ensemble.folds} needs at least {recipe.ensemble.folds} training rows of "
+                        f"every digit, but one digit has {fewest}; lower --folds or add data")
     held_out = 1 / recipe.ensemble.folds if recipe.ensemble.folds else VAL_FRACTION
     check_training_set(options.data, labels, 0 if recipe.ensemble.full_train else held_out, log=log)
     rows_per_member = len(labels) * (1 - (0 if recipe.ensemble.full_train else held_out))
@@ -249,11 +264,7 @@ def train_and_submit(options, recipe, device, log=print):
     rank, world_size = rank_and_world_size()
     if rank:  # rank 0 alone logs and writes files
         log = lambda *_, **__: None  # noqa: E731
-    options.data = find_data(options.data)  # data/, the Kaggle CLI's zip, or a notebook's input folder
-    inputs = csv_files(options.data, "train.csv") + csv_files(options.data, "test.csv")
-    check_outputs(planned_outputs(options, recipe), inputs)
-    check_replaces_only_csv("--submission", options.submission)
-    check_no_stale_members(options, recipe)
+    check_run_outputs(options, recipe)
     full, test_images = load_data(options, recipe, log)
     first = plan(recipe, full.labels, options.checkpoint_dir, options.seed)[0]
     processes = f" in each of {world_size} processes" if world_size > 1 else ""
@@ -266,8 +277,11 @@ def train_and_submit(options, recipe, device, log=print):
     if recipe.ensemble.full_train:
         log(f"full-train: no validation split; the model after epoch {recipe.train.epochs} is the one submitted")
     if options.resume and not os.path.exists(os.path.join(first.folder, "last.pt")):  # before the lock makes the folder
-        raise CheckpointError(f"{os.path.join(first.folder, 'last.pt')}: nothing to resume (no such file); "
-                              f"start without --resume")
+        other = os.path.join(options.checkpoint_dir, "member1" if first.folder == options.checkpoint_dir else "",
+                             "last.pt")
+        hint = (f"but {other} is: resume with the --ensemble and --folds of the run that wrote it" if os.path.exists(other)
+                else "start without --resume")
+        raise CheckpointError(f"{os.path.join(first.folder, 'last.pt')}: nothing to resume (no such file); {hint}")
     with folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext():
         members, histories, val_set, val_probs, test_probs = train_rounds(options, recipe, full, test_images,
                                                                           device, log)
@@ -278,9 +292,13 @@ def train_and_submit(options, recipe, device, log=print):
                                  time.perf_counter() - started, log)
     seconds = time.perf_counter() - started
     log(f"wrote {options.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
+    checkpoints = [os.path.join(m.folder, "best.pt") for m in members]  # under --pseudo-label, round 2's
+    if not options.dry_run:
+        log(f"the same file from the checkpoints alone: python inference.py --checkpoint {shlex.join(checkpoints)} "
+            f"--input {shlex.quote(options.data)} --output {shlex.quote(options.submission)}")
     val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item() if len(val_set) else float("nan")
     return {"histories": histories, "val_accuracy": val_accuracy, "submission": options.submission,
-            "checkpoints": [os.path.join(m.folder, "best.pt") for m in members], "seconds": seconds,
+            "checkpoints": checkpoints, "seconds": seconds,
             "recipe": recipe}
 
 
@@ -304,6 +322,8 @@ def dry_run_outputs(options, log):
 
 def _run(options, recipe, log):
     device = choose_device(options.device)  # chosen once, here
+    if options.dry_run:  # what the real run would refuse, its dry run refuses too
+        check_run_outputs(options, recipe)
     with dry_run_outputs(options, log):
         return train_and_submit(options, recipe, device, log)
 
@@ -318,7 +338,9 @@ def run(log=print, **flags):
     argv = []
     on_off_settings = {field.name for _, field in setting_fields(Recipe())}  # --tta / --no-tta
     for name, value in flags.items():
-        if value is None or (value is False and name not in on_off_settings):  # as if not given (--resume: off)
+        if value is False and name == "report":
+            value = ""  # no report, as --report ''
+        elif value is None or (value is False and name not in on_off_settings):  # as if not given (--resume: off)
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

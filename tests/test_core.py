@@ -124,6 +124,35 @@ def test_dry_run_writes_nothing_and_leaves_a_real_run_alone(kaggle_dir, tmp_path
     assert all((tmp_path / name).read_bytes() == content for name, content in real_run.items())
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--submission", "{data}/test.csv"], "--submission {data}/test.csv: is an input of this run"),
+    (["--submission", "/sys/x/y.csv"], "cannot write in /sys"),
+])
+def test_dry_run_refuses_what_the_real_run_would(kaggle_dir, tmp_path, capsys, flags, says):
+    flags = [flag.format(data=kaggle_dir) for flag in flags]
+    assert main.main(["--data", str(kaggle_dir), "--dry-run", "--checkpoint-dir", str(tmp_path / "ck"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says.format(data=kaggle_dir) in err[0]
+    with pytest.raises(SystemExit):
+        main.parse_args(["--dry-run", "--resume"])
+    assert "nothing to --resume there" in capsys.readouterr().err
+
+
+def test_resume_of_an_ensemble_without_its_flags_says_which_flags(kaggle_dir, tmp_path, capsys):
+    (tmp_path / "ck" / "member1").mkdir(parents=True)
+    (tmp_path / "ck" / "member1" / "last.pt").write_bytes(b"an interrupted member")
+    assert main.main(["--data", str(kaggle_dir), "--resume", "--checkpoint-dir", str(tmp_path / "ck"),
+                      "--submission", str(tmp_path / "s.csv")]) == 2
+    assert f"ck/last.pt: nothing to resume (no such file); but {tmp_path}/ck/member1/last.pt is: resume with the " \
+           f"--ensemble and --folds of the run that wrote it" in capsys.readouterr().err
+
+
+def test_run_from_python_with_report_false_writes_no_report(kaggle_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main.run(data=str(kaggle_dir), epochs=1, widths=(4, 8, 8), report=False, quiet=True)
+    assert os.path.exists("final_submission.csv") and not os.path.exists("reports")
+
+
 def check_submission(path, rows):
     table = pd.read_csv(path)
     assert list(table.columns) == ["ImageId", "Label"]

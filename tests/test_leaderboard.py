@@ -1,5 +1,8 @@
 """Ensembles, test-time augmentation and full-data refits, on tiny synthetic data."""
 
+import shlex
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -7,7 +10,7 @@ import torch
 import inference
 import main
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint
-from conftest import make_digits
+from conftest import make_digits, write_csv
 from dataloader import warp
 from trainer import EMA
 
@@ -93,6 +96,21 @@ def test_best_preset_with_one_model_turns_its_mix_off_and_says_so(kaggle_dir, tm
     assert (state["identity"]["mix"], state["identity"]["mix_epochs"]) == ("none", 0)  # the recipe that trained
 
 
+def test_folds_beyond_the_rows_of_a_digit_are_refused_before_training(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_csv(data / "train.csv", *make_digits(60, seed=1))  # about 6 rows of each digit
+    write_csv(data / "test.csv", make_digits(10, seed=2)[0])
+    labels = np.bincount(pd.read_csv(data / "train.csv")["label"])
+    folds = labels.min() + 1
+    code = main.main(["--data", str(data), "--folds", str(folds), "--checkpoint-dir", str(tmp_path / "ck"),
+                      "--submission", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--folds {folds} needs at least {folds} training rows of every digit, but one digit has " \
+                          f"{labels.min()}; lower --folds" in err
+    assert not (tmp_path / "ck").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--folds", "1"], "--folds K takes K >= 2"), (["--folds", "3", "--ensemble", "2"], "--folds K takes K >= 2"),
     (["--folds", "3", "--full-train"], "--folds K takes K >= 2"),
@@ -132,6 +150,20 @@ def test_kfold_split_covers_every_row_once_and_keeps_digit_shares():
     folds = kfold_split(labels, 5, seed=0)
     assert sorted(torch.cat(folds).tolist()) == list(range(1000))
     assert all(torch.bincount(labels[f], minlength=10).tolist() == [20] * 10 for f in folds)
+
+
+def test_pseudo_label_run_names_the_round_2_checkpoints_that_rebuild_its_submission(kaggle_dir, tmp_path, capsys):
+    ck, submission = tmp_path / "ck", tmp_path / "s.csv"
+    assert main.main(["--data", str(kaggle_dir), "--pseudo-label", "0.1", "--epochs", "1", "--widths", "4", "8", "8",
+                      "--checkpoint-dir", str(ck), "--submission", str(submission), "--report", ""]) == 0
+    out = capsys.readouterr().out
+    assert "join every member's training rows for round 2" in out
+    command = shlex.split(out.split("the same file from the checkpoints alone: ")[1].splitlines()[0])
+    assert command[:4] == ["python", "inference.py", "--checkpoint", str(ck / "round2" / "best.pt")]
+    rebuilt = tmp_path / "rebuilt.csv"
+    command[command.index("--output") + 1] = str(rebuilt)
+    assert inference.main(command[2:]) == 0
+    assert rebuilt.read_bytes() == submission.read_bytes()
 
 
 def test_pseudo_labels_keep_only_confident_test_images():

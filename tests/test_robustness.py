@@ -426,6 +426,11 @@ def fifo(path):
     return path
 
 
+def users_file(path):
+    path.write_text("the user's own\n")
+    return path
+
+
 COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folder), what the line must say)
     "inference --output is the --input": (inference, "--output", lambda t, o, d: d / "test.csv",
                                           "--output {}: is an input of this run"),
@@ -455,6 +460,14 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
     "main --submission would replace a script": (
         main, "--submission", lambda t, o, d: shutil.copy(os.path.join(ROOT, "recipe.py"), t / "recipe.py"),
         "--submission {}: would replace a file that is not a .csv"),
+    "inference --output ends in a slash": (
+        inference, "--output", lambda t, o, d: f"{shutil.copy(o / 'ckpt' / 'best.pt', t / 'other.pt')}/",
+        "--output {}: ends in a folder, not a file name"),
+    "main --submission ends in /.": (main, "--submission", lambda t, o, d: f"{users_file(t / 'notes.txt')}/.",
+                                     "--submission {}: ends in a folder, not a file name"),
+    "inference --output is a .csv link to another kind of file": (
+        inference, "--output", lambda t, o, d: symlink(t / "link.csv", users_file(t / "notes.txt")),
+        "--output {}: would replace a file that is not a .csv"),
     "inference --output is empty": (inference, "--output", lambda t, o, d: "", "--output is empty"),
     "main --submission is longer than a file name may be": (
         main, "--submission", lambda t, o, d: t / ("a" * 300 + ".csv"), "bytes, longer than the 255 this file system"),
@@ -595,6 +608,23 @@ def test_inference_that_fails_midway_leaves_no_folder_it_made_for_probs(capsys, 
     assert not (tmp_path / "new").exists()
 
 
+def test_an_output_name_whose_extension_is_most_of_it_is_written(capsys, tmp_path, out):
+    """The temp file takes the output's extension only when short: ".tmp-XXXXXXXX" plus a
+    250-byte one would pass the check on the output's name and then fail after the work."""
+    name = tmp_path / ("x." + "c" * 250)
+    code, _, err = cli(capsys, inference, *inference_argv(write_data(tmp_path / "data") / "test.csv", out)[:4],
+                       "--output", name)
+    assert (code, err) == (0, []) and len(name.read_text().splitlines()) == ROWS + 1
+
+
+def test_bench_output_will_not_replace_another_kind_of_file(capsys, tmp_path):
+    import bench
+    keep = users_file(tmp_path / "keep.pt")
+    code, _, err = cli(capsys, bench, "--data", write_data(tmp_path / "data"), "--output", keep)
+    assert_user_error(code, err, f"--output {keep}: would replace a file that is not a .json")
+    assert keep.read_text() == "the user's own\n"
+
+
 def test_an_empty_checkpoint_dir_is_refused_before_the_data_is_read(capsys, tmp_path, out):
     argv = main_argv(write_data(tmp_path / "data"), out)
     argv[argv.index("--checkpoint-dir") + 1] = ""
@@ -643,11 +673,13 @@ def test_a_run_inside_another_runs_checkpoint_folder_is_refused(capsys, tmp_path
     data = write_data(tmp_path / "data")
     argv = [*main_argv(data, out), "--widths", 4, 8, 8, "--report", ""]
     argv[argv.index("--checkpoint-dir") + 1] = out / used
+    folders = lambda: sorted(p for p in out.rglob("*") if p.is_dir())  # noqa: E731
     with folder_lock(str(out / held)):
-        before = snapshot(out)
+        before, folders_before = snapshot(out), folders()
         code, stdout, err = cli(capsys, main, *argv)
         assert_user_error(code, err, says.format(out=out, pid=os.getpid()))
         assert "epoch" not in stdout and snapshot(out) == before
+        assert folders() == folders_before  # not even the empty folder it would have used
 
 
 def test_member_folders_an_earlier_bigger_ensemble_left_are_refused(capsys, tmp_path, out):
@@ -673,10 +705,19 @@ def test_a_line_break_inside_a_cell_or_a_flag_is_still_one_line(capsys, tmp_path
 
 @pytest.mark.parametrize("world_size, says", [("abc", "WORLD_SIZE='abc' in the environment is not a process count"),
                                               ("0", "WORLD_SIZE='0'"),
-                                              ("2", "WORLD_SIZE=2 is set but not RANK")])
+                                              ("2", "WORLD_SIZE=2 is set but not RANK"),
+                                              ("2 RANK=x", "RANK='x' in the environment is not a number below 2"),
+                                              ("2 RANK=5", "RANK='5' in the environment is not a number below 2"),
+                                              ("2 MASTER_PORT=notaport", "MASTER_PORT='notaport'")])
 def test_a_world_size_torchrun_never_sets_is_one_line(capsys, monkeypatch, world_size, says):
-    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    world_size, *wrong = world_size.split()
+    launched = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name in launched:
         monkeypatch.delenv(name, raising=False)
+    for name, value in (setting.split("=") for setting in wrong):  # torchrun's variables, one of them bad
+        for good_name, good_value in launched.items():
+            monkeypatch.setenv(good_name, good_value)
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("WORLD_SIZE", world_size)
     with pytest.raises(SystemExit) as exit_info:
         main.parse_args([])
