@@ -185,7 +185,8 @@ def check_outputs(outputs, inputs):
             if _same_file(path, other):
                 raise OutputError(f"{flag} {path}: is also the {other_flag} output of this run; "
                                   f"give each output its own path")
-            for file, above, file_flag, above_flag in ((path, other, flag, other_flag), (other, path, other_flag, flag)):
+            for file, above, file_flag, above_flag in ((path, other, flag, other_flag),
+                                                       (other, path, other_flag, flag)):
                 if _is_inside(file, above):  # the file's folder would have to be the other's file
                     raise OutputError(f"{above_flag} {above}: is a folder of the {file_flag} output {file}, so "
                                       f"it cannot be a file too; give each output its own path")

@@ -279,8 +279,8 @@ def train_and_submit(options, recipe, device, log=print):
     if options.resume and not os.path.exists(os.path.join(first.folder, "last.pt")):  # before the lock makes the folder
         other = os.path.join(options.checkpoint_dir, "member1" if first.folder == options.checkpoint_dir else "",
                              "last.pt")
-        hint = (f"but {other} is: resume with the --ensemble and --folds of the run that wrote it" if os.path.exists(other)
-                else "start without --resume")
+        hint = (f"but {other} is: resume with the --ensemble and --folds of the run that wrote it"
+                if os.path.exists(other) else "start without --resume")
         raise CheckpointError(f"{os.path.join(first.folder, 'last.pt')}: nothing to resume (no such file); {hint}")
     with folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext():
         members, histories, val_set, val_probs, test_probs = train_rounds(options, recipe, full, test_images,
