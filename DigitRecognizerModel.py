@@ -137,6 +137,14 @@ class KaggleCNN(DigitCNN):
         return features, classifier
 
 
+def own_defaults(arch) -> dict:
+    """{'widths', 'dropout'}: what architecture `arch` declares for itself (DEFAULT_WIDTHS,
+    DEFAULT_DROPOUT), for `--arch` and `--mix` when the user gives neither."""
+    cls = ARCHITECTURES[arch]
+    declared = {"widths": "DEFAULT_WIDTHS", "dropout": "DEFAULT_DROPOUT"}
+    return {name: getattr(cls, attribute) for name, attribute in declared.items() if hasattr(cls, attribute)}
+
+
 def build_model(config: ModelConfig) -> nn.Module:
     """The registered architecture `config.arch`, built from `config`."""
     if config.arch not in ARCHITECTURES:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from DigitRecognizerModel import ARCHITECTURES
+from DigitRecognizerModel import own_defaults
 from dataloader import DigitDataset, stratified_split
 from recipe import VAL_FRACTION, Recipe
 
@@ -54,8 +54,7 @@ def member_recipe(recipe, index):
     that architecture's own default widths and dropout, trained for --mix-epochs epochs."""
     if recipe.ensemble.mix == "none" or index % 2 == 0:
         return recipe
-    cls = ARCHITECTURES[recipe.ensemble.mix]
-    model = replace(recipe.model, arch=recipe.ensemble.mix, widths=cls.DEFAULT_WIDTHS, dropout=cls.DEFAULT_DROPOUT)
+    model = replace(recipe.model, arch=recipe.ensemble.mix, **own_defaults(recipe.ensemble.mix))
     train = replace(recipe.train, epochs=recipe.ensemble.mix_epochs or recipe.train.epochs)
     return replace(recipe, model=model, train=train)
 

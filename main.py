@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from DigitRecognizerModel import CheckpointError, build_model
+from DigitRecognizerModel import CheckpointError, build_model, own_defaults
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, escape_unprintable_output, fail,
                  flatten_settings, launched_world_size, ranged, replace_settings, setting_fields,
                  settings_from_flags, sigterm_as_interrupt)
@@ -97,6 +97,9 @@ def parse_args(argv, parser_class=ArgumentParser):
     if recipe.train.batch_size % world_size or recipe.train.batch_size < 2 * world_size:
         parser.error(f"--batch-size {recipe.train.batch_size} is the global batch; it must divide evenly "
                      f"over the {world_size} process(es), at least 2 images each (BatchNorm needs 2)")
+    if options.arch is not None:  # --arch deotte: deotte's own widths and dropout, unless given too
+        own = own_defaults(recipe.model.arch)
+        recipe = replace_settings(recipe, {name: value for name, value in own.items() if getattr(options, name) is None})
     if not options.checkpoint_dir:
         parser.error("--checkpoint-dir is empty; give a folder path (default: checkpoints)")
     if len(recipe.model.widths) != 3:

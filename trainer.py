@@ -395,9 +395,11 @@ class Trainer:
             epochs_bar.set_postfix({"loss": f"{train_loss:.3f}", "acc": f"{train_accuracy:.3f}",
                                     "val_acc": f"{val['accuracy']:.4f}", "img/s": f"{images_per_second:,.0f}"})
         new_best = " * best" if improved and self.keep_best else ""  # only under --best-epoch
+        scores = (f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}{new_best}" if len(self.val_shard)
+                  else "no validation images")  # --full-train
         _log_over_bars(self.log, f"epoch {epoch + 1:3d}/{self.config.epochs}  train loss {train_loss:.4f} "
-                       f"acc {train_accuracy:.4f}  val loss {val['loss']:.4f} acc {val['accuracy']:.4f}{new_best}"
-                       f"  {seconds:.1f}s  {images_per_second:,.0f} img/s", self.progress)
+                       f"acc {train_accuracy:.4f}  {scores}  {seconds:.1f}s  {images_per_second:,.0f} img/s",
+                       self.progress)
 
     def fit(self, resume=False):
         """Train to the last epoch (from last.pt when `resume`); returns the history rows."""

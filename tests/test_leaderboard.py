@@ -65,6 +65,7 @@ def test_full_train_uses_every_row_and_says_so(kaggle_dir, tmp_path, capsys):
                       "--submission", str(tmp_path / "s.csv")]) == 0
     out = capsys.readouterr().out
     assert "600 train / 0 validation" in out and "no validation split" in out
+    assert "no validation images" in out and "nan" not in out  # the epoch line, not "val loss nan acc nan"
     assert "no report in reports/" in out and not (tmp_path / "reports").exists()
     assert load_checkpoint(str(ck / "best.pt"))["epoch"] == 1
     assert len(pd.read_csv(tmp_path / "s.csv")) == 120
@@ -109,6 +110,14 @@ def test_folds_beyond_the_rows_of_a_digit_are_refused_before_training(tmp_path, 
     assert code == 2 and f"--folds {folds} needs at least {folds} training rows of every digit, but one digit has " \
                           f"{labels.min()}; lower --folds" in err
     assert not (tmp_path / "ck").exists()
+
+
+def test_arch_brings_its_own_widths_and_dropout_unless_they_are_given():
+    deotte = main.parse_args(["--arch", "deotte"])[1].model
+    assert (deotte.widths, deotte.dropout) == ((32, 64, 128), 0.4)
+    given = main.parse_args(["--arch", "deotte", "--widths", "8", "16", "32", "--dropout", "0.2"])[1].model
+    assert (given.widths, given.dropout) == ((8, 16, 32), 0.2)
+    assert main.parse_args([])[1].model.widths == (16, 32, 128)
 
 
 @pytest.mark.parametrize("argv, message", [
