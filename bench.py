@@ -124,7 +124,7 @@ def train_step_figures(recipe, full, device, peak_gflops):
 def run(args):
     args.data = find_data(args.data)
     check_outputs([("--output", args.output)], csv_files(args.data, "train.csv") + csv_files(args.data, "test.csv"))
-    check_replaces_only("--output", args.output, ".json")
+    check_replaces_only("--output", args.output, ".json", starts=b"{")
     device = choose_device("cpu")
     recipe = preset("fast" if args.quick else "default")
     results = {"preset": "fast" if args.quick else "default", "torch": torch.__version__, "machine": cpu_peak()}

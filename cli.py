@@ -81,7 +81,7 @@ def ranged(kind, low=None, high=None):
 def launched_world_size() -> int:
     """The number of processes torchrun started (WORLD_SIZE), 1 without torchrun."""
     text = os.environ.get("WORLD_SIZE", "1")
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdecimal()) or int(text) < 1:
         raise UserError(f"WORLD_SIZE={text!r} in the environment is not a process count; unset it "
                         f"or launch with torchrun")
     world_size = int(text)
@@ -91,7 +91,7 @@ def launched_world_size() -> int:
     if world_size > 1:  # set by hand, a bad one would hang in the process group's setup
         for name, limit in (("RANK", world_size), ("LOCAL_RANK", world_size), ("MASTER_PORT", 65536)):
             value = os.environ[name]
-            if not value.isdigit() or int(value) >= limit:
+            if not (value.isascii() and value.isdecimal()) or int(value) >= limit:
                 raise UserError(f"{name}={value!r} in the environment is not a number below {limit}; start the "
                                 f"processes with torchrun, or unset WORLD_SIZE for one process")
     return world_size

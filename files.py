@@ -155,11 +155,14 @@ def _is_inside(path, folder):
     return path != folder and os.path.commonpath([path, folder]) == folder
 
 
-def check_replaces_only(flag, path, extension):
+def check_replaces_only(flag, path, extension, starts=b""):
     """OutputError if `path`, where an `extension` file goes, is an existing file (or a link to
-    one) of another name: a typo such as `--output ck/best.pt` would replace a checkpoint, a
-    script or a photo."""
+    one) of another name, unless it starts with `starts` (an earlier run wrote it): a typo such
+    as `--output ck/best.pt` would replace a checkpoint, a script or a photo."""
     if path and os.path.isfile(path) and not os.path.realpath(path).lower().endswith(extension):
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            if starts and f.read(len(starts)) == starts:
+                return
         raise OutputError(f"{flag} {path}: would replace a file that is not a {extension}; "
                           f"give a {extension} path, or move that file first")
 
@@ -214,17 +217,18 @@ def folder_lock(folder, flag="--checkpoint-dir"):
     run ends.
     """
     descriptors = []
-    made = _missing_folders(os.path.abspath(folder))  # removed again if the lock is refused
+    absolute = os.path.abspath(folder)  # 'x/../ck' must not make x
+    made = _missing_folders(absolute)  # removed again if the lock is refused
     try:
         try:
-            os.makedirs(folder, exist_ok=True)
-            descriptors.append(os.open(folder, os.O_RDONLY | os.O_DIRECTORY))
+            os.makedirs(absolute, exist_ok=True)
+            descriptors.append(os.open(absolute, os.O_RDONLY | os.O_DIRECTORY))
         except OSError as e:
             raise OutputError(f"{flag} {folder}: cannot write: {_reason(e)}") from None
         try:
             fcntl.flock(descriptors[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputError(f"{flag} {folder}: in use by another run ({_holder(folder)}); "
+            raise OutputError(f"{flag} {folder}: in use by another run ({_holder(absolute)}); "
                               f"wait for it to finish or pass another {flag}") from None
         above = os.path.realpath(folder)
         while above != os.path.dirname(above):
@@ -240,7 +244,7 @@ def folder_lock(folder, flag="--checkpoint-dir"):
                                   f"({_holder(above)}); wait for it to finish or pass a folder outside it") from None
             except OSError:
                 continue  # a file system without flock up there: no run can hold it either
-        holder_file = os.path.join(folder, HOLDER_FILE)
+        holder_file = os.path.join(absolute, HOLDER_FILE)
         atomic_write_text(holder_file, f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
         try:
             yield

@@ -201,7 +201,7 @@ def run(args, log=print):
     inputs = [*args.checkpoint, *csv_files(args.input, name)]
     check_outputs(planned_outputs(args), inputs)
     for flag, path in (("--output", args.output), ("--probs", args.probs)):
-        check_replaces_only(flag, path, ".csv")
+        check_replaces_only(flag, path, ".csv", starts=b"ImageId,")  # an earlier run's file may be replaced
     device = choose_device(args.device)
     states = [load_checkpoint(path) for path in args.checkpoint]
     models = [ready_to_predict(state, path, device) for state, path in zip(states, args.checkpoint)]

@@ -102,6 +102,7 @@ def parse_args(argv, parser_class=ArgumentParser):
         recipe = replace_settings(recipe, {name: value for name, value in own.items() if getattr(options, name) is None})
     if not options.checkpoint_dir:
         parser.error("--checkpoint-dir is empty; give a folder path (default: checkpoints)")
+    options.checkpoint_dir = os.path.normpath(options.checkpoint_dir)  # 'x/../ck' is ck, and makes no x
     if len(recipe.model.widths) != 3:
         parser.error(f"--widths takes 3 numbers, got {len(recipe.model.widths)}")
     folds = recipe.ensemble.folds
@@ -144,7 +145,7 @@ def check_run_outputs(options, recipe):
     options.data = find_data(options.data)  # data/, the Kaggle CLI's zip, or a notebook's input folder
     inputs = csv_files(options.data, "train.csv") + csv_files(options.data, "test.csv")
     check_outputs(planned_outputs(options, recipe), inputs)
-    check_replaces_only("--submission", options.submission, ".csv")
+    check_replaces_only("--submission", options.submission, ".csv", starts=b"ImageId,")
     check_no_stale_members(options, recipe)
 
 
@@ -297,8 +298,11 @@ def train_and_submit(options, recipe, device, log=print):
     log(f"wrote {options.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
     checkpoints = [os.path.join(m.folder, "best.pt") for m in members]  # under --pseudo-label, round 2's
     if not options.dry_run:
-        log(f"the same file from the checkpoints alone: python inference.py --checkpoint {shlex.join(checkpoints)} "
-            f"--input {shlex.quote(options.data)} --output {shlex.quote(options.submission)}")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inference.py")  # from any folder
+        as_argument = lambda path: shlex.quote("./" + path if path.startswith("-") else path)  # noqa: E731
+        log(f"the same file from the checkpoints alone: python {as_argument(script)} --checkpoint "
+            f"{' '.join(map(as_argument, checkpoints))} --input {as_argument(options.data)} "
+            f"--output {as_argument(options.submission)}")
     val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item() if len(val_set) else float("nan")
     return {"histories": histories, "val_accuracy": val_accuracy, "submission": options.submission,
             "checkpoints": checkpoints, "seconds": seconds,

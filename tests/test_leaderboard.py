@@ -1,5 +1,6 @@
 """Ensembles, test-time augmentation and full-data refits, on tiny synthetic data."""
 
+import os
 import shlex
 
 import numpy as np
@@ -168,7 +169,8 @@ def test_pseudo_label_run_names_the_round_2_checkpoints_that_rebuild_its_submiss
     out = capsys.readouterr().out
     assert "join every member's training rows for round 2" in out
     command = shlex.split(out.split("the same file from the checkpoints alone: ")[1].splitlines()[0])
-    assert command[:4] == ["python", "inference.py", "--checkpoint", str(ck / "round2" / "best.pt")]
+    assert command[:2] == ["python", os.path.join(os.path.dirname(os.path.abspath(main.__file__)), "inference.py")]
+    assert command[2:4] == ["--checkpoint", str(ck / "round2" / "best.pt")]
     rebuilt = tmp_path / "rebuilt.csv"
     command[command.index("--output") + 1] = str(rebuilt)
     assert inference.main(command[2:]) == 0

@@ -625,6 +625,23 @@ def test_bench_output_will_not_replace_another_kind_of_file(capsys, tmp_path):
     assert keep.read_text() == "the user's own\n"
 
 
+def test_a_submission_not_named_csv_can_be_written_again_by_the_next_run(capsys, tmp_path, out):
+    argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
+    argv[argv.index("--submission") + 1] = tmp_path / "submission.txt"
+    for _ in range(2):  # the second run replaces the first one's file, which it recognises
+        code, _, err = cli(capsys, main, *argv)
+        assert (code, err) == (0, [])
+
+
+def test_a_checkpoint_dir_through_a_missing_folder_and_dotdot_makes_no_stray_folder(capsys, tmp_path, out,
+                                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
+    argv[argv.index("--checkpoint-dir") + 1] = "nx/../ck"
+    code, _, err = cli(capsys, main, *argv)
+    assert (code, err) == (0, []) and (tmp_path / "ck" / "best.pt").exists() and not (tmp_path / "nx").exists()
+
+
 def test_an_empty_checkpoint_dir_is_refused_before_the_data_is_read(capsys, tmp_path, out):
     argv = main_argv(write_data(tmp_path / "data"), out)
     argv[argv.index("--checkpoint-dir") + 1] = ""
@@ -708,7 +725,8 @@ def test_a_line_break_inside_a_cell_or_a_flag_is_still_one_line(capsys, tmp_path
                                               ("2", "WORLD_SIZE=2 is set but not RANK"),
                                               ("2 RANK=x", "RANK='x' in the environment is not a number below 2"),
                                               ("2 RANK=5", "RANK='5' in the environment is not a number below 2"),
-                                              ("2 MASTER_PORT=notaport", "MASTER_PORT='notaport'")])
+                                              ("2 MASTER_PORT=notaport", "MASTER_PORT='notaport'"),
+                                              ("\u00b2", "WORLD_SIZE='\u00b2' in the environment is not a process")])
 def test_a_world_size_torchrun_never_sets_is_one_line(capsys, monkeypatch, world_size, says):
     world_size, *wrong = world_size.split()
     launched = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
