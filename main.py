@@ -98,8 +98,8 @@ def parse_args(argv, parser_class=ArgumentParser):
         parser.error(f"--batch-size {recipe.train.batch_size} is the global batch; it must divide evenly "
                      f"over the {world_size} process(es), at least 2 images each (BatchNorm needs 2)")
     if options.arch is not None:  # --arch deotte: deotte's own widths and dropout, unless given too
-        own = own_defaults(recipe.model.arch)
-        recipe = replace_settings(recipe, {name: value for name, value in own.items() if getattr(options, name) is None})
+        own = {name: value for name, value in own_defaults(recipe.model.arch).items() if getattr(options, name) is None}
+        recipe = replace_settings(recipe, own)
     if not options.checkpoint_dir:
         parser.error("--checkpoint-dir is empty; give a folder path (default: checkpoints)")
     options.checkpoint_dir = os.path.normpath(options.checkpoint_dir)  # 'x/../ck' is ck, and makes no x
