@@ -71,9 +71,7 @@ def atomic_open(path, mode="w"):
         if tmp_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_path)
-            for made_folder in made:  # deepest first; one that holds something else stays
-                with contextlib.suppress(OSError):
-                    os.rmdir(made_folder)
+            _remove_empty(made)
 
 
 def _missing_folders(folder):
@@ -83,6 +81,13 @@ def _missing_folders(folder):
         missing.append(folder)
         folder = os.path.dirname(folder)
     return missing
+
+
+def _remove_empty(folders):
+    """Remove `folders` (deepest first) that a failed command made; one holding something stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def atomic_write_text(path, text):
@@ -252,9 +257,7 @@ def folder_lock(folder, flag="--checkpoint-dir"):
             with contextlib.suppress(OSError):
                 os.unlink(holder_file)
     except OutputError:
-        for made_folder in made:  # deepest first; still empty, as nothing was written yet
-            with contextlib.suppress(OSError):
-                os.rmdir(made_folder)
+        _remove_empty(made)  # nothing was written in them yet
         raise
     finally:
         for descriptor in descriptors:
