@@ -151,6 +151,10 @@ class _LineBoundedReader(io.BufferedIOBase):
         self._raw, self._label = raw, label
         self._line_bytes = 0  # of the unfinished line at the end of what was read
         self._lines_ended = 0
+        # pandas reads a column of True/False cells as 1/0, even into uint8; Kaggle's files
+        # hold digits and commas only, so a T or F (5 ms a file to look for) sends the
+        # reading to the cell-checked pass, which refuses them.
+        self.may_hold_booleans = False
 
     def readable(self):
         return True
@@ -169,6 +173,8 @@ class _LineBoundedReader(io.BufferedIOBase):
                 raise DataError(f"{self._label}: line {line} is {MAX_LINE_BYTES + 1:,}+ bytes long; a Kaggle row "
                                 f"is at most {KAGGLE_LINE_BYTES:,} bytes; is this the Kaggle CSV?")
             start = line_end + 1
+        if not self.may_hold_booleans:
+            self.may_hold_booleans = any(letter in block for letter in (b"T", b"t", b"F", b"f"))
         line_end = _last_line_end(block, max(start, 0), len(block))
         self._line_bytes = len(block) - (start if line_end < 0 else line_end + 1)
         self._lines_ended += _line_ends(block)
@@ -200,6 +206,8 @@ def _read_chunks(label, opener, chunk_rows, dtype=None):
                     chunk = next(reader, None)
                 if chunk is None:
                     return
+                if dtype is not None and source.may_hold_booleans:
+                    raise ValueError("True/False cells")  # iter_digit_csv's cell-checked pass names the cell
                 yield chunk
     except pd.errors.EmptyDataError:
         raise DataError(f"{label}: file is empty; expected a Kaggle CSV with a header line") from None
@@ -239,7 +247,7 @@ def _check_columns(label, columns, expect_label):
 
 
 def _numeric(label, chunk, first_line):
-    """The chunk as numbers, or DataError for its first blank line or blank, NaN, Inf or fractional cell.
+    """The chunk as numbers, or DataError for its first blank line or blank, NaN, Inf, True/False or fractional cell.
 
     Whole numbers written as floats ("3.0") are accepted; the caller checks their range.
     """
@@ -247,7 +255,8 @@ def _numeric(label, chunk, first_line):
         return chunk
     numeric = chunk.apply(pd.to_numeric, errors="coerce")
     values = numeric.to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values) | (values != np.round(values))
+    is_boolean = np.array([pd.api.types.is_bool_dtype(t) for t in chunk.dtypes])  # a column of True/False cells
+    bad = ~np.isfinite(values) | (values != np.round(values)) | is_boolean
     if not bad.any():
         return numeric
     row, col = np.argwhere(bad)[0]  # the first bad line, then its first bad column
@@ -256,6 +265,8 @@ def _numeric(label, chunk, first_line):
     raw, where = chunk.iat[row, col], f"{label}: line {first_line + row}, column '{chunk.columns[col]}'"
     if pd.isna(raw) or (isinstance(raw, str) and not raw.strip()):
         raise DataError(f"{where}: blank or NaN cell; every cell must be a whole number")
+    if is_boolean[col]:
+        raise DataError(f"{where}: a True/False cell; every cell must be a whole number")
     raise DataError(f"{where}: '{raw}' is not a whole number; fix or drop that row")
 
 

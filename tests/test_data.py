@@ -100,6 +100,15 @@ def test_rows_of_the_real_kaggle_files_pass_the_checks(tmp_path):
 
 # ----------------------------------------------------------------------------- bad CSV files
 
+def true_false_column(lines):
+    """Every row's pixel5 True or false: pandas reads such a column as 1/0, even into uint8."""
+    column = lines[0].split(",").index("pixel5")
+    rows = [line.split(",") for line in lines[1:]]
+    for n, cells in enumerate(rows):
+        cells[column] = ("True", "false")[n % 2]
+    return "\n".join([lines[0], *map(",".join, rows)]) + "\n"
+
+
 BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must say)
     "empty file": (lambda lines: "", "file is empty"),
     "header only": (lambda lines: lines[0] + "\n", "has a header but no rows"),
@@ -114,6 +123,7 @@ BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must sa
     "blank cell": (edit_cell(""), "line 4, column 'pixel5': blank or NaN"),
     "NaN cell": (edit_cell("NaN"), "line 4, column 'pixel5': blank or NaN"),
     "Inf cell": (edit_cell("inf"), "line 4, column 'pixel5': 'inf' is not a whole number"),
+    "True/False column": (true_false_column, "line 2, column 'pixel5': a True/False cell"),
     "fraction": (edit_cell("0.5"), "line 4, column 'pixel5': '0.5' is not a whole number"),
     "below 0": (edit_cell("-1"), "line 4, column 'pixel5': value -1 is outside 0-255"),
     "above 255": (edit_cell("256"), "line 4, column 'pixel5': value 256 is outside 0-255"),
