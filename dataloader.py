@@ -72,8 +72,17 @@ def find_data(path=None, names=("train.csv", "test.csv"), kaggle_root=None):
 
 def _holds_any(path, names):
     if os.path.isdir(path):
-        return any(os.path.isfile(os.path.join(path, n + ending)) for n in names for ending in ("", ".gz"))
+        return any(_csv_files_in(path, name) for name in names)
     return os.path.isfile(path)
+
+
+def _csv_files_in(folder, name):
+    """The files in `folder` named `name` or `name`.gz (the .gz in any case, as _open_file reads it)."""
+    try:
+        gzipped = sorted(entry for entry in os.listdir(folder) if entry.lower() == name + ".gz")
+    except OSError:  # unreadable folder: reading it fails later with its own message
+        gzipped = []
+    return [full for full in (os.path.join(folder, entry) for entry in [name, *gzipped]) if os.path.isfile(full)]
 
 
 def _is_zip(path):
@@ -89,9 +98,10 @@ def resolve_csv(path: str, name: str):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder; check the path, or {GET_THE_DATA}")
     if os.path.isdir(path):
-        found = [full for full in (os.path.join(path, name), os.path.join(path, name + ".gz")) if os.path.isfile(full)]
-        if len(found) == 2:
-            raise DataError(f"{path}: holds both {name} and {name}.gz; remove one, so it is clear which to read")
+        found = _csv_files_in(path, name)
+        if len(found) > 1:
+            names = ", ".join(os.path.basename(f) for f in found)
+            raise DataError(f"{path}: holds {names}; keep only one of them, so it is clear which to read")
         if found:
             return found[0], lambda: _open_file(found[0])
         raise DataError(f"{path}: folder has no {name}; unzip digit-recognizer.zip there or pass the zip itself")

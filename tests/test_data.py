@@ -55,7 +55,11 @@ def test_reads_zip_gz_and_plain_csv_alike(kaggle_dir, tmp_path):
         shutil.copyfileobj(src, dst)
     reference = load_test(str(kaggle_dir))
     shutil.copy(gz_dir / "test.csv.gz", tmp_path / "TEST.CSV.GZ")  # as some tools name it
-    for source in (zip_path, gz_dir, gz_dir / "test.csv.gz", tmp_path / "TEST.CSV.GZ", kaggle_dir / "test.csv"):
+    upper_gz_dir = tmp_path / "upper"
+    upper_gz_dir.mkdir()
+    shutil.copy(gz_dir / "test.csv.gz", upper_gz_dir / "test.csv.GZ")
+    for source in (zip_path, gz_dir, gz_dir / "test.csv.gz", tmp_path / "TEST.CSV.GZ", upper_gz_dir,
+                   kaggle_dir / "test.csv"):
         assert torch.equal(load_test(str(source)), reference)
     assert torch.equal(load_train(str(zip_path))[1], load_train(str(kaggle_dir))[1])
 
@@ -297,7 +301,10 @@ def test_an_empty_kaggle_input_variable_means_the_default_not_the_current_folder
 def test_a_folder_with_both_test_csv_and_test_csv_gz_is_ambiguous(kaggle_dir):
     with open(kaggle_dir / "test.csv", "rb") as src, gzip.open(kaggle_dir / "test.csv.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
-    with pytest.raises(DataError, match=f"^{kaggle_dir}: holds both test.csv and test.csv.gz; remove one"):
+    with pytest.raises(DataError, match=f"^{kaggle_dir}: holds test.csv, test.csv.gz; keep only one"):
+        load_test(str(kaggle_dir))
+    shutil.copy(kaggle_dir / "test.csv.gz", kaggle_dir / "test.csv.GZ")
+    with pytest.raises(DataError, match="holds test.csv, test.csv.GZ, test.csv.gz; keep only one"):
         load_test(str(kaggle_dir))
 
 
