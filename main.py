@@ -112,9 +112,10 @@ def parse_args(argv, parser_class=ArgumentParser):
     if options.mix not in (None, "none") and member_count(recipe) == 1:
         parser.error(f"--mix {options.mix} makes every other member of an ensemble another architecture, but this "
                      f"run trains one model: add --folds K or --ensemble N, or drop --mix")
-    if options.mix_epochs and recipe.ensemble.mix == "none":  # given, not a preset's (best --mix none is fine)
-        parser.error(f"--mix-epochs {options.mix_epochs} sets the epochs of the --mix members, but --mix is "
-                     f"none: add --mix ARCH, or drop --mix-epochs")
+    if options.mix_epochs and (recipe.ensemble.mix == "none" or member_count(recipe) == 1):  # given, not a preset's
+        fix = "add --mix ARCH" if recipe.ensemble.mix == "none" else "add --folds K or --ensemble N"
+        parser.error(f"--mix-epochs {options.mix_epochs} sets the epochs of the --mix members, but this run has "
+                     f"none: {fix}, or drop --mix-epochs")
     if member_count(recipe) == 1 and recipe.ensemble.mix != "none":  # a preset's --mix, e.g. best --folds 0
         recipe = replace_settings(recipe, {"mix": "none", "mix_epochs": 0})  # the checkpoints say what trained
     if options.dry_run and options.resume:

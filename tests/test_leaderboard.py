@@ -124,7 +124,9 @@ def test_arch_brings_its_own_widths_and_dropout_unless_they_are_given():
 @pytest.mark.parametrize("argv, message", [
     (["--folds", "1"], "--folds K takes K >= 2"), (["--folds", "3", "--ensemble", "2"], "--folds K takes K >= 2"),
     (["--folds", "3", "--full-train"], "--folds K takes K >= 2"),
-    (["--mix-epochs", "5"], "--mix-epochs 5 sets the epochs of the --mix members, but --mix is none"),
+    (["--mix-epochs", "5"], "--mix-epochs 5 sets the epochs of the --mix members, but this run has none: add --mix"),
+    (["--preset", "best", "--folds", "0", "--mix-epochs", "3"],  # one model: the preset's --mix is dropped
+     "--mix-epochs 3 sets the epochs of the --mix members, but this run has none: add --folds K or --ensemble N"),
     (["--preset", "best", "--mix", "none", "--mix-epochs", "9"], "--mix-epochs 9 sets the epochs of the --mix"),
     (["--mix", "deotte"], "--mix deotte makes every other member of an ensemble another architecture, but this run "
                           "trains one model"),
