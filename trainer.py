@@ -325,6 +325,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.model.load_state_dict(saved["ema"])
         self.state = RunState(saved["history"], saved["best_accuracy"], saved["epoch"])
+        if self.state.epoch and not os.path.exists(self.paths["best.pt"]):  # every finished epoch wrote or kept one
+            raise CheckpointError(f"{self.paths['best.pt']}: missing, though {path} has {self.state.epoch} epochs "
+                                  f"done; put it back, or train again without --resume")
         self.log(f"resumed from {path} after epoch {self.state.epoch}/{self.config.epochs}")
 
     def save_last(self):

@@ -249,6 +249,17 @@ def test_resumed_ensemble_continues_the_member_cut_off_and_starts_the_ones_never
     assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
 
 
+def test_resume_without_a_finished_members_best_pt_says_so(capsys, data, tmp_path):
+    assert cli(capsys, main, *tiny_argv(data, tmp_path, "--ensemble", "2"))[0] == 0
+    best = tmp_path / "ckpt" / "member1" / "best.pt"
+    best.unlink()
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path, "--ensemble", "2", "--resume"))
+    assert_user_error(code, err, best, "missing, though", "member1/last.pt has 2 epochs done; put it back, or "
+                                                          "train again without --resume")
+    assert snapshot(tmp_path) == before
+
+
 def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
