@@ -247,7 +247,8 @@ def check_resumable(state, path, identity, flags=None):
         saved = state["identity"].get(key)
         if saved != value:
             flag = (flags or {}).get(key, f"--{key.replace('_', '-')}")
-            what = ("other data" if key == "data" else f"{flag} {saved}, not {value}" if key in state["identity"]
+            shown = [" ".join(map(str, v)) if isinstance(v, (tuple, list)) else v for v in (saved, value)]  # as typed
+            what = ("other data" if key == "data" else f"{flag} {shown[0]}, not {shown[1]}" if key in state["identity"]
                     else f"it records no {flag}: written by an older version of this suite")
             raise CheckpointError(f"{path}: was trained on another recipe or data ({what}); resume with the "
                                   f"same data and flags as the interrupted run, or start without --resume")

@@ -146,6 +146,7 @@ RESUME_CHANGES = {  # case: (flags, data folder for (data, tmp_path), what the l
     "--lr": (["--lr", "0.05"], lambda data, tmp: data, "(--lr 0.1, not 0.05)"),
     "--ema": (["--ema", "0.9"], lambda data, tmp: data, "(--ema 0.0, not 0.9)"),
     "--elastic": (["--elastic", "3"], lambda data, tmp: data, "(--elastic 0.0, not 3.0)"),
+    "--widths": (["--widths", "8", "16", "32"], lambda data, tmp: data, "(--widths 16 32 128, not 8 16 32)"),
     "other data": ([], lambda data, tmp: other_data(tmp), "(other data)"),
 }
 
