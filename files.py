@@ -146,18 +146,23 @@ def check_writable(flag, path):
         raise OutputError(f"{flag} {path}: cannot write in {folder}: {_reason(e)}") from None
 
 
-def _same_file(a, b):
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
+def _identities(path):
+    """The keys under which two paths are the same file: the resolved path and, for an existing
+    file, its (device, inode), which also catches hard links."""
+    real = os.path.realpath(path)
     try:
-        return os.path.samefile(a, b)  # hard links
+        status = os.stat(path)
     except OSError:
-        return False
+        return [real]
+    return [real, (status.st_dev, status.st_ino)]
 
 
-def _is_inside(path, folder):
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path != folder and os.path.commonpath([path, folder]) == folder
+def _folders_above(real_path):
+    folder = os.path.dirname(real_path)
+    while folder != os.path.dirname(folder):
+        yield folder
+        folder = os.path.dirname(folder)
+    yield folder
 
 
 def check_replaces_only(flag, path, extension, starts=b""):
@@ -184,20 +189,28 @@ def check_outputs(outputs, inputs):
             raise OutputError(f"{flag} is empty; give a file path")
         if os.path.basename(path) in ("", ".", ".."):  # 'x/' or 'x/.': the checks below would not see x
             raise OutputError(f"{flag} {path}: ends in a folder, not a file name; give a file path")
-    for index, (flag, path) in enumerate(outputs):
-        for source in inputs:
-            if source and _same_file(path, source):
-                raise OutputError(f"{flag} {path}: is an input of this run ({source}); "
+    sources = {key: source for source in inputs if source for key in _identities(source)}
+    written = {}  # each identity of an earlier output -> (flag, path)
+    folders = {}  # each folder above an earlier output -> (flag, path); a dict each: n outputs in n steps
+    for flag, path in outputs:
+        keys = _identities(path)
+        for key in keys:
+            if key in sources:
+                raise OutputError(f"{flag} {path}: is an input of this run ({sources[key]}); "
                                   f"writing there would destroy it, so choose another path")
-        for other_flag, other in outputs[:index]:
-            if _same_file(path, other):
-                raise OutputError(f"{flag} {path}: is also the {other_flag} output of this run; "
+            if key in written:
+                raise OutputError(f"{flag} {path}: is also the {written[key][0]} output of this run; "
                                   f"give each output its own path")
-            for file, above, file_flag, above_flag in ((path, other, flag, other_flag),
-                                                       (other, path, other_flag, flag)):
-                if _is_inside(file, above):  # the file's folder would have to be the other's file
-                    raise OutputError(f"{above_flag} {above}: is a folder of the {file_flag} output {file}, so "
-                                      f"it cannot be a file too; give each output its own path")
+        above = next((written[folder] for folder in _folders_above(keys[0]) if folder in written), None)
+        if above:  # this file's folder would have to be the other's file, or the other way round
+            raise OutputError(f"{above[0]} {above[1]}: is a folder of the {flag} output {path}, so "
+                              f"it cannot be a file too; give each output its own path")
+        if keys[0] in folders:
+            other_flag, other = folders[keys[0]]
+            raise OutputError(f"{flag} {path}: is a folder of the {other_flag} output {other}, so "
+                              f"it cannot be a file too; give each output its own path")
+        written.update(dict.fromkeys(keys, (flag, path)))
+        folders.update(dict.fromkeys(_folders_above(keys[0]), (flag, path)))
     for flag, path in outputs:
         check_writable(flag, path)
 

@@ -438,6 +438,9 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
                                              "--output {}: is an input of this run"),
     "inference --output is a symlink to the input": (
         inference, "--output", lambda t, o, d: symlink(t / "link.csv", d / "test.csv"), "--output {}: is an input"),
+    "inference --output is a hard link to the input": (
+        inference, "--output", lambda t, o, d: os.link(d / "test.csv", t / "hard.csv") or t / "hard.csv",
+        "--output {}: is an input"),
     "inference --probs is the --output": (inference, "--probs", lambda t, o, d: o / "final_submission.csv",
                                           "--probs {}: is also the --output output"),
     "main --submission is the data's test.csv": (main, "--submission", lambda t, o, d: d / "test.csv",
