@@ -161,6 +161,15 @@ def check_no_stale_members(options, recipe):
                               f"{member_count(recipe)}: move them away or pass another --checkpoint-dir")
 
 
+def remove_earlier_resume_points(options, recipe):
+    """A fresh run removes the last.pt an earlier run left in its member folders: a --resume of
+    this run would take a member holding one as begun, and continue (or refuse) the earlier run's."""
+    for checkpoint_dir in round_folders(options, recipe):
+        for folder in member_folders(recipe, checkpoint_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, "last.pt"))
+
+
 def load_data(options, recipe, log):
     """(all of train.csv as a DigitDataset, test images), checked before any training."""
     images, labels = load_train(options.data, log=log)
@@ -288,6 +297,8 @@ def train_and_submit(options, recipe, device, log=print):
                 if os.path.exists(other) else "start without --resume")
         raise CheckpointError(f"{os.path.join(first.folder, 'last.pt')}: nothing to resume (no such file); {hint}")
     with folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and not options.resume:
+            remove_earlier_resume_points(options, recipe)
         members, histories, val_set, val_probs, test_probs = train_rounds(options, recipe, full, test_images,
                                                                           device, log)
         if rank == 0:  # every rank ends with the same weights; one writes

@@ -250,6 +250,23 @@ def test_resumed_ensemble_continues_the_member_cut_off_and_starts_the_ones_never
     assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
 
 
+def test_resume_in_a_folder_an_earlier_run_used_continues_this_run_only(capsys, data, tmp_path, monkeypatch):
+    """The members not yet begun when this run was cut off still hold the earlier run's last.pt:
+    a fresh run removes those, so --resume starts them instead of refusing their recipe."""
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "whole", "--ensemble", "2", "--epochs", "3"))[0] == 0
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "cut", "--ensemble", "2", "--epochs", "1"))[0] == 0
+    interrupt_at_epoch(monkeypatch, 2)  # the 3-epoch run, cut off in member 1's second epoch
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "cut", "--ensemble", "2", "--epochs", "3"))[0] == 130
+    assert not (tmp_path / "cut" / "ckpt" / "member2" / "last.pt").exists()
+    monkeypatch.undo()
+    code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", "--ensemble", "2", "--epochs", "3", "--resume"))
+    assert (code, err) == (0, [])
+    for member in ("member1", "member2"):
+        assert_same_weights(tmp_path / "cut" / "ckpt" / member / "last.pt",
+                            tmp_path / "whole" / "ckpt" / member / "last.pt")
+    assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
+
+
 def test_resume_without_a_finished_members_best_pt_says_so(capsys, data, tmp_path):
     assert cli(capsys, main, *tiny_argv(data, tmp_path, "--ensemble", "2"))[0] == 0
     best = tmp_path / "ckpt" / "member1" / "best.pt"
