@@ -21,10 +21,10 @@ import torch.nn as nn
 
 from DigitRecognizerModel import build_model, count_parameters
 from cli import ArgumentParser, choose_device, run_command
-from dataloader import DataError, DigitDataset, find_data, load_test, load_train, stratified_split
+from dataloader import DataError, DigitDataset, find_data, load_test, load_train, source_files, stratified_split
 from export import onnxruntime_images_per_s
 from files import atomic_write_text, check_outputs, check_replaces_only
-from inference import csv_files, load_models, predict_file, predict_probs
+from inference import load_models, predict_file, predict_probs
 from recipe import VAL_FRACTION, preset
 from trainer import BatchSource, train, train_step
 
@@ -123,7 +123,8 @@ def train_step_figures(recipe, full, device, peak_gflops):
 
 def run(args):
     args.data = find_data(args.data)
-    check_outputs([("--output", args.output)], csv_files(args.data, "train.csv") + csv_files(args.data, "test.csv"))
+    check_outputs([("--output", args.output)],
+                  source_files(args.data, "train.csv") + source_files(args.data, "test.csv"))
     check_replaces_only("--output", args.output, ".json", starts=b"{")
     device = choose_device("cpu")
     recipe = preset("fast" if args.quick else "default")

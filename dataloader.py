@@ -33,6 +33,7 @@ CHUNK_ROWS = 8192  # rows per pandas chunk: bounded memory (~50 MB of int64) at 
 KAGGLE_LINE_BYTES = (NUM_PIXELS + 1) * 4  # label + 784 pixels, each at most "255,"
 MAX_LINE_BYTES = (NUM_PIXELS + 1) * 16  # generous: room for "255.000000000000" cells and spaces
 KAGGLE_INPUT_ENV = "DIGIT_RECOGNIZER_KAGGLE_INPUT"  # where Kaggle Notebooks mount data (tests point it elsewhere)
+KAGGLE_ZIP = "digit-recognizer.zip"  # the name the Kaggle CLI downloads the competition's data as
 GET_THE_DATA = ("get the data with `kaggle competitions download -c digit-recognizer -p data`, "
                 "or in a Kaggle Notebook with Add data -> Digit Recognizer competition")
 
@@ -54,7 +55,7 @@ def find_data(path=None, names=("train.csv", "test.csv"), kaggle_root=None):
     """
     if path is None:
         root = kaggle_root or os.environ.get(KAGGLE_INPUT_ENV) or "/kaggle/input"  # set but empty: the default
-        candidates = [os.path.join("data", ""), os.path.join("data", "digit-recognizer.zip"),
+        candidates = [os.path.join("data", ""), os.path.join("data", KAGGLE_ZIP),
                       os.path.join(root, "digit-recognizer", "")]
         path = next((c for c in candidates if _holds_any(c, names)), None)
         if path is None:
@@ -76,6 +77,15 @@ def _holds_any(path, names):
     return os.path.isfile(path)
 
 
+def source_files(path, name):
+    """The files reading `name` from `path` (a --data/--input) would read: a folder's `name`,
+    `name`.gz or, holding neither, its digit-recognizer.zip; else `path` itself. For the checks
+    that no output replaces an input."""
+    if os.path.isdir(path):
+        return _csv_files_in(path, name) or [os.path.join(path, KAGGLE_ZIP)]
+    return [path]
+
+
 def _csv_files_in(folder, name):
     """The files in `folder` named `name` or `name`.gz (the .gz in any case, as _open_file reads it)."""
     try:
@@ -91,7 +101,8 @@ def _is_zip(path):
 
 
 def resolve_csv(path: str, name: str):
-    """Find `name` ('train.csv' or 'test.csv') in a folder, Kaggle zip, or take `path` as the CSV.
+    """Find `name` ('train.csv' or 'test.csv') in a folder (or the Kaggle zip in it), a Kaggle
+    zip, or take `path` as the CSV.
 
     Returns (label for messages, opener) where opener() gives a binary file object.
     """
@@ -104,7 +115,10 @@ def resolve_csv(path: str, name: str):
             raise DataError(f"{path}: holds {names}; keep only one of them, so it is clear which to read")
         if found:
             return found[0], lambda: _open_file(found[0])
-        raise DataError(f"{path}: folder has no {name}; unzip digit-recognizer.zip there or pass the zip itself")
+        if os.path.isfile(os.path.join(path, KAGGLE_ZIP)):  # data/ as `kaggle competitions download -p data` leaves it
+            return _resolve_zip_member(os.path.join(path, KAGGLE_ZIP), name)
+        raise DataError(f"{path}: folder has no {name} and no {KAGGLE_ZIP}; put Kaggle's files there or pass "
+                        f"their path")
     if _is_zip(path):
         return _resolve_zip_member(path, name)
     return path, lambda: _open_file(path)

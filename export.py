@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 
 from cli import ArgumentParser, UserError, ranged, run_command
-from dataloader import find_data, iter_digit_csv
+from dataloader import find_data, iter_digit_csv, source_files
 from files import atomic_write_bytes, check_outputs
-from inference import csv_files, load_models, predict_probs
+from inference import load_models, predict_probs
 
 OPSET = 17
 INSTALL_HINT = "pip install -r requirements-export.txt (or: pip install onnx onnxruntime)"
@@ -180,7 +180,7 @@ def run(args, log=print):
     """Export, check, then write; returns the parity figures (None without a check)."""
     if args.input is not None:
         args.input = find_data(args.input, names=("test.csv",))
-    check_outputs([("--output", args.output)], [*args.checkpoint, *csv_files(args.input or "", "test.csv")])
+    check_outputs([("--output", args.output)], [*args.checkpoint, *source_files(args.input or "", "test.csv")])
     require("onnx", *(["onnxruntime"] if args.check else []))  # before loading anything
     models = load_models(args.checkpoint, torch.device("cpu"))
     graph = to_onnx(models, args.opset)

@@ -27,7 +27,8 @@ import torch
 
 from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, choose_device, run_command
-from dataloader import CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv, warp
+from dataloader import (CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv,
+                        source_files, warp)
 from files import atomic_open, check_outputs, check_replaces_only
 from report import report_files, write_report
 
@@ -144,13 +145,6 @@ def write_submission(path, predictions):
             f.writelines(f"{i},{label}\n" for i, label in enumerate(block, start=start + 1))
 
 
-def csv_files(path, name):
-    """The files a --data/--input `path` stands for when reading `name` (for collision checks)."""
-    if os.path.isdir(path):
-        return [os.path.join(path, name), os.path.join(path, name + ".gz")]
-    return [path]
-
-
 def parse_args(argv):
     parser = ArgumentParser(description="Write a Kaggle submission from trained checkpoints, "
                                         "or (--report) score them on a labelled file.")
@@ -198,7 +192,7 @@ def run(args, log=print):
     """Predict (or, with --report, score) and write; returns the number of rows predicted."""
     name = "train.csv" if args.report is not None else "test.csv"
     args.input = find_data(args.input, names=(name,))  # data/, the Kaggle CLI's zip, or a notebook's input
-    inputs = [*args.checkpoint, *csv_files(args.input, name)]
+    inputs = [*args.checkpoint, *source_files(args.input, name)]
     check_outputs(planned_outputs(args), inputs)
     for flag, path in (("--output", args.output), ("--probs", args.probs)):
         check_replaces_only(flag, path, ".csv", starts=b"ImageId,")  # an earlier run's file may be replaced

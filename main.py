@@ -35,11 +35,11 @@ from DigitRecognizerModel import CheckpointError, build_model, own_defaults
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, escape_unprintable_output, fail,
                  flatten_settings, launched_world_size, ranged, replace_settings, setting_fields,
                  settings_from_flags, sigterm_as_interrupt)
-from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train
+from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train, source_files
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
 from files import HOLDER_FILE, OutputError, check_outputs, check_replaces_only, folder_lock
-from inference import csv_files, load_models, predict_probs, write_submission
+from inference import load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, preset, preset_notes
 from report import report_files, write_report
 from trainer import (TrainingDiverged, close_distributed, init_distributed, rank_and_world_size, train,
@@ -144,7 +144,7 @@ def planned_outputs(options, recipe):
 def check_run_outputs(options, recipe):
     """Find the data, then OutputError for any output the run must not write (see files.py)."""
     options.data = find_data(options.data)  # data/, the Kaggle CLI's zip, or a notebook's input folder
-    inputs = csv_files(options.data, "train.csv") + csv_files(options.data, "test.csv")
+    inputs = source_files(options.data, "train.csv") + source_files(options.data, "test.csv")
     check_outputs(planned_outputs(options, recipe), inputs)
     check_replaces_only("--submission", options.submission, ".csv", starts=b"ImageId,")
     check_no_stale_members(options, recipe)

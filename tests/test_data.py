@@ -58,10 +58,14 @@ def test_reads_zip_gz_and_plain_csv_alike(kaggle_dir, tmp_path):
     upper_gz_dir = tmp_path / "upper"
     upper_gz_dir.mkdir()
     shutil.copy(gz_dir / "test.csv.gz", upper_gz_dir / "test.csv.GZ")
+    kaggle_cli_dir = tmp_path / "kaggle-cli"  # as `kaggle competitions download -p kaggle-cli` leaves it
+    kaggle_cli_dir.mkdir()
+    shutil.copy(zip_path, kaggle_cli_dir)
     for source in (zip_path, gz_dir, gz_dir / "test.csv.gz", tmp_path / "TEST.CSV.GZ", upper_gz_dir,
-                   kaggle_dir / "test.csv"):
+                   kaggle_cli_dir, kaggle_dir / "test.csv"):
         assert torch.equal(load_test(str(source)), reference)
     assert torch.equal(load_train(str(zip_path))[1], load_train(str(kaggle_dir))[1])
+    assert torch.equal(load_train(str(kaggle_cli_dir))[1], load_train(str(kaggle_dir))[1])
 
 
 def test_lines_up_to_the_length_limit_read_across_blocks(tmp_path):

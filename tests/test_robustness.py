@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import export
+import dataloader
 import inference
 import main
 import trainer
@@ -431,6 +432,15 @@ def users_file(path):
     return path
 
 
+def kaggle_zip_only(folder):
+    """`folder` as the Kaggle CLI leaves it: digit-recognizer.zip with the CSVs inside, nothing else."""
+    with zipfile.ZipFile(folder / "digit-recognizer.zip", "w") as archive:
+        for name in ("train.csv", "test.csv"):
+            archive.write(folder / name, name)
+            (folder / name).unlink()
+    return folder
+
+
 COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folder), what the line must say)
     "inference --output is the --input": (inference, "--output", lambda t, o, d: d / "test.csv",
                                           "--output {}: is an input of this run"),
@@ -445,6 +455,8 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
                                           "--probs {}: is also the --output output"),
     "main --submission is the data's test.csv": (main, "--submission", lambda t, o, d: d / "test.csv",
                                                  "--submission {}: is an input of this run"),
+    "main --submission is the Kaggle zip that --data's folder holds": (
+        main, "--submission", lambda t, o, d: kaggle_zip_only(d) / "digit-recognizer.zip", "--submission {}: is an input"),
     "main --submission is a symlink to train.csv": (
         main, "--submission", lambda t, o, d: symlink(t / "link.csv", d / "train.csv"), "--submission {}: is an input"),
     "inference --output is a pipe": (inference, "--output", lambda t, o, d: fifo(t / "pipe.csv"),
@@ -498,7 +510,7 @@ def test_an_output_that_is_an_input_or_another_output_is_refused_before_anything
 def test_report_folder_may_be_the_data_folder():
     """Only a report file that is an input collides; sharing the folder is fine."""
     options, recipe = main.parse_args(["--data", "data", "--report", "data"])
-    inputs = inference.csv_files("data", "train.csv") + inference.csv_files("data", "test.csv")
+    inputs = dataloader.source_files("data", "train.csv") + dataloader.source_files("data", "test.csv")
     main.check_outputs(main.planned_outputs(options, recipe), inputs)
 
 
