@@ -109,6 +109,10 @@ def parse_args(argv, parser_class=ArgumentParser):
     if folds == 1 or (folds and (recipe.ensemble.full_train or recipe.ensemble.ensemble > 1)):
         parser.error("--folds K takes K >= 2 and makes the K members itself: drop --ensemble and --full-train, "
                      "or use --folds 0")
+    if recipe.train.best_epoch and (folds or recipe.ensemble.full_train):
+        why = ("--folds scores those rows out of fold, and picking on them would make that figure optimistic"
+               if folds else "--full-train leaves none")
+        parser.error(f"--best-epoch picks each model's epoch on its validation rows, but {why}: drop --best-epoch")
     if options.mix not in (None, "none") and member_count(recipe) == 1:
         parser.error(f"--mix {options.mix} makes every other member of an ensemble another architecture, but this "
                      f"run trains one model: add --folds K or --ensemble N, or drop --mix")
@@ -225,6 +229,8 @@ def evaluate_members(recipe, members, full, test_images, device, log):
         val_set = full.subset(members[0].val_rows)
         val_probs = predict(models, val_set.images)  # (0, 10) under --full-train
         what = f"validation accuracy of the submitted predictor ({len(models)} model(s){views})"
+        if recipe.train.best_epoch:
+            what += " [optimistic: --best-epoch picked each model's epoch on these images]"
     if len(val_set):
         log(f"{what}: {(val_probs.argmax(1) == val_set.labels).float().mean().item():.4f}")
     return val_set, val_probs, predict(models, test_images)
@@ -262,6 +268,9 @@ def train_rounds(options, recipe, full, test_images, device, log):
         members = plan(recipe, full.labels, os.path.join(options.checkpoint_dir, "round2"), options.seed)
         histories = train_members(options, recipe, members, full, device, log, extra)
         wait_for_rank_0()
+        if recipe.ensemble.folds:
+            log("note: round 2's out-of-fold figure is slightly optimistic: its pseudo-labels come from round 1's "
+                "whole ensemble, whose other members trained on each member's held-out fold")
         val_set, val_probs, test_probs = evaluate_members(recipe, members, full, test_images, device, log)
     return members, histories, val_set, val_probs, test_probs
 

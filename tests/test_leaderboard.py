@@ -35,6 +35,21 @@ def test_ensemble_with_tta_matches_inference_on_the_same_checkpoints(kaggle_dir,
     assert "from 2 checkpoint(s)\n" in capsys.readouterr().out
 
 
+def test_best_epoch_submits_the_best_validation_epoch_and_says_its_figure_is_optimistic(kaggle_dir, tmp_path,
+                                                                                          capsys):
+    ck = tmp_path / "ck"
+    assert main.main(["--data", str(kaggle_dir), "--epochs", "4", "--best-epoch", "--widths", "4", "8", "8",
+                      "--batch-size", "32", "--checkpoint-dir", str(ck), "--submission", str(tmp_path / "s.csv"),
+                      "--report", ""]) == 0
+    out = capsys.readouterr().out
+    history = pd.read_csv(ck / "history.csv")
+    best = load_checkpoint(str(ck / "best.pt"))
+    assert best["val_accuracy"] == pytest.approx(history["val_accuracy"].max(), abs=1e-6)
+    assert best["epoch"] == history["epoch"][history["val_accuracy"] >= history["val_accuracy"].max() - 1e-6].max()
+    assert "* best" in out
+    assert "(1 model(s), TTA) [optimistic: --best-epoch picked each model's epoch on these images]" in out
+
+
 def test_tta_shift_views_are_one_pixel_rolls():
     x = torch.zeros(4, 1, 28, 28)
     x[:, :, 4:24, 4:24] = make_digits(4)[0][:, :, 4:24, 4:24].float() / 255  # nothing near the border
@@ -128,6 +143,10 @@ def test_arch_brings_its_own_widths_and_dropout_unless_they_are_given():
     (["--preset", "best", "--folds", "0", "--mix-epochs", "3"],  # one model: the preset's --mix is dropped
      "--mix-epochs 3 sets the epochs of the --mix members, but this run has none: add --folds K or --ensemble N"),
     (["--preset", "best", "--mix", "none", "--mix-epochs", "9"], "--mix-epochs 9 sets the epochs of the --mix"),
+    (["--folds", "3", "--best-epoch"], "--best-epoch picks each model's epoch on its validation rows, but --folds "
+                                       "scores those rows out of fold"),
+    (["--full-train", "--best-epoch"], "--best-epoch picks each model's epoch on its validation rows, but "
+                                       "--full-train leaves none: drop --best-epoch"),
     (["--mix", "deotte"], "--mix deotte makes every other member of an ensemble another architecture, but this run "
                           "trains one model"),
 ])
@@ -177,6 +196,14 @@ def test_pseudo_label_run_names_the_round_2_checkpoints_that_rebuild_its_submiss
     command[command.index("--output") + 1] = str(rebuilt)
     assert inference.main(command[2:]) == 0
     assert rebuilt.read_bytes() == submission.read_bytes()
+
+
+def test_pseudo_label_under_folds_says_its_out_of_fold_figure_is_optimistic(kaggle_dir, tmp_path, capsys):
+    assert main.main(["--data", str(kaggle_dir), "--pseudo-label", "0.1", "--folds", "2", "--dry-run",
+                      "--widths", "4", "8", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("join every member's training rows for round 2") < out.index(
+        "note: round 2's out-of-fold figure is slightly optimistic") < out.rindex("out-of-fold accuracy (2 folds")
 
 
 def test_pseudo_labels_keep_only_confident_test_images():
