@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from DigitRecognizerModel import build_model, count_parameters
-from cli import ArgumentParser, choose_device, run_command
+from cli import ArgumentParser, choose_device, path_argument, run_command
 from dataloader import DataError, DigitDataset, find_data, load_test, load_train, source_files, stratified_split
 from export import onnxruntime_images_per_s
 from files import atomic_write_text, check_outputs, check_replaces_only
@@ -201,7 +201,7 @@ def print_table(r):
 
 def main(argv=None) -> int:
     parser = ArgumentParser(description="Benchmark loading, training and inference on this machine.")
-    parser.add_argument("--data", default=None,
+    parser.add_argument("--data", default=None, type=path_argument,
                         help="folder with train.csv and test.csv, or the Kaggle zip (default: the first of data/, "
                              "data/digit-recognizer.zip and /kaggle/input/digit-recognizer/ that holds them)")
     parser.add_argument("--quick", action="store_true", help="fast preset, under a minute (default: off)")

@@ -78,6 +78,13 @@ def ranged(kind, low=None, high=None):
     return _checked(kind, dict(low=low, high=high, high_open=False))
 
 
+def path_argument(text):
+    """An argparse `type` for a path: '' (an unset shell variable, say) is refused, naming the flag."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give a file or folder path")
+    return text
+
+
 def launched_world_size() -> int:
     """The number of processes torchrun started (WORLD_SIZE), 1 without torchrun."""
     text = os.environ.get("WORLD_SIZE", "1")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cli import ArgumentParser, UserError, ranged, run_command
+from cli import ArgumentParser, UserError, path_argument, ranged, run_command
 from dataloader import find_data, iter_digit_csv, source_files
 from files import atomic_write_bytes, check_outputs
 from inference import load_models, predict_probs
@@ -154,13 +154,13 @@ def check_images(input_path, count, seed=0):
 def parse_args(argv):
     parser = ArgumentParser(description="Export checkpoint(s) to one ONNX graph of class probabilities and "
                                         "check it against onnxruntime (needs: " + INSTALL_HINT + ").")
-    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
+    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH", type=path_argument,
                         help="one or more checkpoints; several become one graph that outputs the mean of "
                              "their softmax probabilities (required)")
     parser.add_argument("--output", default="model.onnx",
                         help="ONNX file to write; input `images` (N, 1, 28, 28) float in [0, 1], output "
                              "`probabilities` (N, 10) (default: model.onnx)")
-    parser.add_argument("--input", default=None,
+    parser.add_argument("--input", default=None, type=path_argument,
                         help="test.csv, a folder holding it, or the Kaggle zip, whose first rows are the "
                              "parity-check images (default: none, synthetic images)")
     parser.add_argument("--check", type=ranged(int, 0, 100_000), default=1000, metavar="N",

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
-from cli import ArgumentParser, choose_device, run_command
+from cli import ArgumentParser, choose_device, path_argument, run_command
 from dataloader import (CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv,
                         source_files, warp)
 from files import atomic_open, check_outputs, check_replaces_only
@@ -148,9 +148,9 @@ def write_submission(path, predictions):
 def parse_args(argv):
     parser = ArgumentParser(description="Write a Kaggle submission from trained checkpoints, "
                                         "or (--report) score them on a labelled file.")
-    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
+    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH", type=path_argument,
                         help="one or more checkpoints; several are averaged as an ensemble (required)")
-    parser.add_argument("--input", default=None,
+    parser.add_argument("--input", default=None, type=path_argument,
                         help="test.csv, test.csv.gz, a folder holding it, or the Kaggle zip; with --report a "
                              "labelled train.csv-shaped file, folder or zip (default: test.csv, with --report "
                              "train.csv, from the first of data/, data/digit-recognizer.zip and "

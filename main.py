@@ -33,7 +33,7 @@ import torch
 
 from DigitRecognizerModel import CheckpointError, build_model, own_defaults
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, escape_unprintable_output, fail,
-                 flatten_settings, launched_world_size, ranged, replace_settings, setting_fields,
+                 flatten_settings, launched_world_size, path_argument, ranged, replace_settings, setting_fields,
                  settings_from_flags, sigterm_as_interrupt)
 from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train, source_files
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
@@ -57,7 +57,7 @@ class _RaisingParser(ArgumentParser):
 
 def build_parser(parser_class=ArgumentParser):
     parser = parser_class(description="Train the digit recognizer and write a Kaggle submission.")
-    parser.add_argument("--data", default=None,
+    parser.add_argument("--data", default=None, type=path_argument,
                         help="folder with train.csv and test.csv, or the Kaggle zip (default: the first of data/, "
                              "data/digit-recognizer.zip and /kaggle/input/digit-recognizer/ that holds them; "
                              "$DIGIT_RECOGNIZER_KAGGLE_INPUT replaces /kaggle/input)")

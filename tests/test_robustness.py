@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-import export
 import dataloader
+import export
 import inference
 import main
 import trainer
@@ -430,6 +430,17 @@ def fifo(path):
 def users_file(path):
     path.write_text("the user's own\n")
     return path
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    (main, ["--data", ""], "--data"), (inference, ["--checkpoint", ""], "--checkpoint"),
+    (inference, ["--checkpoint", "best.pt", "--input", ""], "--input"),
+    (export, ["--checkpoint", "best.pt", "--input", ""], "--input")], ids=["main", "inference", "inference", "export"])
+def test_an_empty_input_path_is_one_line_naming_its_flag(capsys, module, argv, flag):
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and f"error: argument {flag}: is empty; give a file" in err[0]
 
 
 def kaggle_zip_only(folder):
