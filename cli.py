@@ -114,20 +114,21 @@ def setting_fields(config):
             yield config, field
 
 
-def add_setting_flags(parser, config, preset_notes=None):
+def add_setting_flags(parser, config, notes=None):
     """One flag per setting of the dataclass tree `config`; their defaults stay None so an
     unset flag can be told from one set to the default (presets fill the rest).
 
-    preset_notes: {field name: text} appended to a flag's help (e.g. "best: 5").
+    notes: {field name: text} appended to a flag's help (e.g. "--preset best: 5").
     """
     for owner, field in setting_fields(config):
         meta, default = field.metadata, getattr(owner, field.name)
-        note = f"; {preset_notes[field.name]}" if preset_notes and field.name in preset_notes else ""
+        note = f"; {notes[field.name]}" if notes and field.name in notes else ""
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         if isinstance(default, bool):
             shown = "on" if default else "off"
         kwargs = dict(help=f"{meta['help']} (default: {shown}{note})", default=None, dest=field.name,
-                      metavar=None if isinstance(default, bool) else flag_name(field).strip("-").upper())
+                      metavar=None if isinstance(default, bool) or meta["choices"] is not None  # {a,b}: the choices
+                      else flag_name(field).strip("-").upper())
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):

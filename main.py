@@ -40,7 +40,7 @@ from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pse
                       with_extra)
 from files import HOLDER_FILE, OutputError, check_outputs, check_replaces_only, folder_lock
 from inference import load_models, predict_probs, write_submission
-from recipe import PRESETS, VAL_FRACTION, Recipe, preset, preset_notes
+from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
 from report import report_files, write_report
 from trainer import (TrainingDiverged, close_distributed, init_distributed, rank_and_world_size, train,
                      wait_for_rank_0)
@@ -81,7 +81,7 @@ def build_parser(parser_class=ArgumentParser):
                         help="no progress bars and no per-epoch lines; bars are also off whenever stderr "
                              "is not a terminal (default: off)")
     add_setting_flags(parser.add_argument_group("recipe (defaults of the default preset)"), Recipe(),
-                      preset_notes())
+                      flag_notes())
     return parser
 
 

@@ -7,7 +7,7 @@ checkpoint stores the whole recipe, so `--resume` can tell a changed setting.
 
 from dataclasses import dataclass
 
-from DigitRecognizerModel import ARCHITECTURES, ModelConfig
+from DigitRecognizerModel import ARCHITECTURES, ModelConfig, own_defaults
 from cli import replace_settings, setting
 from dataloader import AugmentConfig
 from trainer import TrainConfig
@@ -52,12 +52,19 @@ def preset(name) -> Recipe:
     return replace_settings(Recipe(), PRESETS[name])
 
 
-def preset_notes():
-    """{setting name: 'fast: 4; best: 5'}: what each preset changes, for --help."""
+def flag_notes():
+    """{setting name: '--preset fast: 4; --preset best: 5'}: what each preset, and each
+    architecture's own widths and dropout (--arch, --mix), change, for --help."""
     notes = {}
+
+    def add(key, text):
+        notes[key] = f"{notes[key]}; {text}" if key in notes else text
     for name, changes in PRESETS.items():
         for key, value in changes.items():
-            shown = ("on" if value else "off") if isinstance(value, bool) else value
-            notes[key] = f"{notes[key]}; " if key in notes else ""
-            notes[key] += f"--preset {name}: {shown}"
+            add(key, f"--preset {name}: " + (("on" if value else "off") if isinstance(value, bool) else str(value)))
+    default_model = ModelConfig()
+    for arch in sorted(ARCHITECTURES):
+        for key, value in own_defaults(arch).items():
+            if value != getattr(default_model, key):
+                add(key, f"--arch {arch}: " + (" ".join(map(str, value)) if isinstance(value, tuple) else str(value)))
     return notes

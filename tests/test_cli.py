@@ -89,6 +89,8 @@ def test_help_shows_every_setting_flag_with_its_default_and_the_preset_differenc
     assert "(default: 30; --preset fast: 4)" in text
     assert "(default: 0; --preset best: 5)" in text and "(default: on; --preset fast: off)" in text
     assert "(default: none; --preset best: deotte)" in text
+    assert "(default: 16 32 128; --arch deotte: 32 64 128)" in text and "(default: 0.1; --arch deotte: 0.4)" in text
+    assert "--arch {cnn,deotte}" in text and "--mix {none,cnn,deotte}" in text  # the choices, not a bare ARCH
     helps = {action.dest: " ".join(action.help.split()) for action in main.build_parser()._actions}
     for _, field in setting_fields(Recipe()):
         assert flag_name(field) in text and "(default: " in helps[field.name] and helps[field.name] in text
