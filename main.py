@@ -343,7 +343,8 @@ def dry_run_outputs(options, log):
     options.report = os.path.join(folder, "reports") if options.report else ""
     try:
         yield
-        log("dry run: everything worked; its outputs were temporary and are removed, nothing else was written")
+        log(f"dry run: everything worked; its outputs (in {folder}, the report too) were temporary and are "
+            f"removed now, nothing else was written")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
