@@ -37,12 +37,16 @@ class TrainingDiverged(Exception):
     """The loss became NaN or Inf."""
 
 
+MOMENTUM_DIP = 0.1  # the one-cycle schedule's momentum falls from --momentum to this much below it as the LR peaks
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = setting(30, "epochs", low=1, high=10_000)
     batch_size: int = setting(128, "global batch size, split evenly over torchrun processes", low=2, high=65_536)
     lr: float = setting(0.1, "peak learning rate of the one-cycle schedule", low=1e-6, high=100)
-    momentum: float = setting(0.9, "SGD Nesterov momentum", low=0, high=1, high_open=True)
+    momentum: float = setting(0.95, f"peak SGD Nesterov momentum; the one-cycle schedule lowers it by {MOMENTUM_DIP} "
+                                    f"while the LR is high", low=MOMENTUM_DIP, high=1, high_open=True)
     weight_decay: float = setting(5e-4, "L2 weight decay", low=0, high=1)
     label_smoothing: float = setting(0.1, "label smoothing of the training loss", low=0, high=1, high_open=True)
     warmup: float = setting(0.2, "share of the steps spent rising to the peak LR", low=0.01, high=0.99)
@@ -300,7 +304,8 @@ class Trainer:
         warmup = self.config.warmup * (1.001 if self.config.warmup * total_steps == 1 else 1)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=self.config.lr, total_steps=total_steps,
-            pct_start=warmup, div_factor=10, final_div_factor=100)
+            pct_start=warmup, div_factor=10, final_div_factor=100,
+            max_momentum=self.config.momentum, base_momentum=self.config.momentum - MOMENTUM_DIP)
         self.ema = EMA(model, self.config.ema) if self.config.ema else None
         self.paths = {name: os.path.join(checkpoint_dir, name) for name in ("last.pt", "best.pt", "history.csv")}
         self.identity = {**flatten_settings(recipe), "seed": seed, "data": data_fingerprint(train_set, val_set)}

@@ -12,7 +12,7 @@ from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpo
 from conftest import make_digits, needs_real_data, real_csv_head, small_recipe
 from dataloader import AugmentConfig, DigitDataset, augment, stratified_split, warp
 from inference import predict_logits
-from trainer import BatchSource, evaluate, train
+from trainer import MOMENTUM_DIP, BatchSource, Trainer, evaluate, train
 
 CPU = torch.device("cpu")
 NO_AUGMENT = AugmentConfig(rotate_deg=0, scale=0, shear=0, shift=0)
@@ -183,6 +183,7 @@ def test_main_on_a_slice_of_the_real_data(tmp_path):
     (["--elastic", "inf"], "--elastic: inf is out of range"),
     (["--elastic", "nan"], "--elastic: nan is out of range"),
     (["--ema", "1"], "--ema: 1 is out of range; it must be in [0, 1)"),
+    (["--momentum", "0"], "--momentum: 0 is out of range; it must be in [0.1, 1)"),  # Nesterov needs momentum
     (["--widths", "100000", "100000", "100000"], "--widths: 100000 is out of range"),
     (["--widths", "8", "16"], "--widths takes 3 numbers"),
     (["--label-smoothing", "1.5"], "--label-smoothing: 1.5 is out of range"),
@@ -217,6 +218,22 @@ def test_inference_report_needs_a_folder(kaggle_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--report '' names no folder" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "index.html").exists() and not (tmp_path / "per_class_accuracy.csv").exists()
+
+
+def test_momentum_is_the_peak_of_the_one_cycle_momentum_schedule(tmp_path):
+    """OneCycleLR cycles the momentum too: --momentum must set that cycle, or it would do nothing."""
+    images, labels = make_digits(200)
+    data = DigitDataset(images, labels)
+    for momentum in (0.5, 0.95):
+        recipe = small_recipe(epochs=2, batch_size=32, momentum=momentum, widths=(4, 8, 8))
+        trainer = Trainer(DigitRecognizerModel(ModelConfig(widths=(4, 8, 8))), data.subset(torch.arange(160)),
+                          data.subset(torch.arange(160, 200)), recipe, CPU, str(tmp_path), log=lambda *_: None)
+        seen = []
+        for _ in range(trainer.batches.steps * 2 - 1):
+            seen.append(trainer.optimizer.param_groups[0]["momentum"])
+            trainer.optimizer.step()
+            trainer.scheduler.step()
+        assert max(seen) == pytest.approx(momentum) and min(seen) == pytest.approx(momentum - MOMENTUM_DIP)
 
 
 def test_training_whose_warmup_is_exactly_one_step_runs(tmp_path):
