@@ -7,8 +7,9 @@ the network from the file alone, and every load uses `torch.load(..., weights_on
 so a checkpoint can never run code.
 
 Adding an architecture: a DigitCNN subclass whose `layers` builds its two parts (or any
-nn.Module taking a ModelConfig, with DEFAULT_WIDTHS/DEFAULT_DROPOUT and fuse_batchnorm_),
-decorated with `@register("name")`; `--arch name` then trains it and its checkpoints load.
+nn.Module taking a ModelConfig of 3 widths and keeping it as `.config`, with DEFAULT_WIDTHS,
+DEFAULT_DROPOUT and fuse_batchnorm_), decorated with `@register("name")`; `--arch name`
+then trains it and its checkpoints load.
 """
 
 import os
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from cli import UserError, setting
 from files import atomic_open
@@ -50,8 +51,10 @@ class CheckpointError(UserError):
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = setting("cnn", "architecture", choices=lambda: sorted(ARCHITECTURES))
-    widths: tuple = setting((16, 32, 128), "channels of the conv stages", low=1, high=MAX_WIDTH)
-    dropout: float = setting(0.1, "dropout before the classifier", low=0, high=1, high_open=True)
+    widths: tuple = setting((16, 32, 128), "channels of the three stages (deotte: two conv stages, then its dense "
+                                           "layer)", low=1, high=MAX_WIDTH)
+    dropout: float = setting(0.1, "dropout rate (cnn: before the classifier; deotte: after each stage and the dense "
+                                  "layer)", low=0, high=1, high_open=True)
     num_classes: int = NUM_CLASSES
 
 
@@ -86,14 +89,16 @@ class DigitCNN(nn.Module):
 
     @torch.no_grad()
     def fuse_batchnorm_(self):
-        """For inference only: fold each BatchNorm into the conv before it, in place, so the
-        separate normalisation passes over the activations vanish (see bench.py)."""
+        """For inference only: fold each BatchNorm into the conv or linear layer before it, in
+        place, so the separate normalisation passes over the activations vanish (see bench.py)."""
         self.eval()
-        layers = list(self.features)
-        for i, (conv, norm) in enumerate(zip(layers, layers[1:])):
-            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-                self.features[i] = fuse_conv_bn_eval(conv, norm)
-                self.features[i + 1] = nn.Identity()
+        for part in (self.features, self.classifier):
+            layers = list(part)
+            for i, (layer, norm) in enumerate(zip(layers, layers[1:])):
+                if isinstance(layer, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                    part[i], part[i + 1] = fuse_conv_bn_eval(layer, norm), nn.Identity()
+                elif isinstance(layer, nn.Linear) and isinstance(norm, nn.BatchNorm1d):
+                    part[i], part[i + 1] = fuse_linear_bn_eval(layer, norm), nn.Identity()
         return self
 
 

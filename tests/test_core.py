@@ -8,7 +8,8 @@ import torch
 
 import inference
 import main
-from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from DigitRecognizerModel import (ARCHITECTURES, DigitRecognizerModel, ModelConfig, build_model, load_checkpoint,
+                                  model_from_checkpoint, save_checkpoint)
 from conftest import make_digits, needs_real_data, real_csv_head, small_recipe
 from dataloader import AugmentConfig, DigitDataset, augment, stratified_split, warp
 from inference import predict_logits
@@ -218,6 +219,24 @@ def test_inference_report_needs_a_folder(kaggle_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--report '' names no folder" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "index.html").exists() and not (tmp_path / "per_class_accuracy.csv").exists()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_folding_batchnorm_leaves_none_and_predicts_the_same(arch):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, widths=(4, 8, 16))).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # statistics that folding must carry over
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    images = make_digits(16)[0].float() / 255
+    with torch.no_grad():
+        before = model(images)
+        after = model.fuse_batchnorm_()(images)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
 
 
 def test_momentum_is_the_peak_of_the_one_cycle_momentum_schedule(tmp_path):
