@@ -7,7 +7,7 @@ Usage:
     python main.py --preset fast                            # about a minute on 2 CPU cores
     python main.py --preset best                            # the leaderboard recipe (see the README)
     python main.py --resume                                 # continue checkpoints/last.pt, same flags
-    python main.py --dry-run                                # one batch of everything, writes nothing
+    python main.py --dry-run                                # every step on 1,000 rows, writes nothing
     torchrun --nproc_per_node=2 main.py ...                 # data-parallel; see the README
     python main.py --quiet --report ''                      # no bars, no per-epoch lines, no report
 
@@ -35,7 +35,8 @@ from DigitRecognizerModel import CheckpointError, build_model, own_defaults
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, escape_unprintable_output, fail,
                  flatten_settings, launched_world_size, path_argument, ranged, replace_settings, setting_fields,
                  settings_from_flags, sigterm_as_interrupt)
-from dataloader import DataError, DigitDataset, check_training_set, find_data, load_test, load_train, source_files
+from dataloader import (DataError, DigitDataset, check_training_set, find_data, load_test, load_train, source_files,
+                        stratified_split)
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
 from files import HOLDER_FILE, OutputError, check_outputs, check_replaces_only, folder_lock
@@ -46,6 +47,7 @@ from trainer import (TrainingDiverged, close_distributed, init_distributed, rank
                      wait_for_rank_0)
 
 CHECKPOINT_FILES = ("best.pt", "last.pt", "history.csv")
+DRY_RUN_ROWS = 1000  # train.csv rows (at least) and test.csv rows a dry run trains and predicts on
 
 
 class _RaisingParser(ArgumentParser):
@@ -72,8 +74,9 @@ def build_parser(parser_class=ArgumentParser):
     parser.add_argument("--submission", default="final_submission.csv", help="submission path (default: final_submission.csv)")
     parser.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt (default: off)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="one batch of training and validation, one epoch, outputs in a temporary folder "
-                             "that is removed: a smoke test that writes nothing (default: off)")
+                        help="check all the data, then run every step on 1,000 of its rows (one epoch of one "
+                             "batch per model) with outputs in a temporary folder that is removed: a smoke test "
+                             "that writes nothing (default: off)")
     parser.add_argument("--report", default="reports/", metavar="DIR",
                         help="after training, write plots and per_class_accuracy.csv for the submitted predictor "
                              "on the validation split here; '' = no report (default: reports/)")
@@ -289,6 +292,8 @@ def train_and_submit(options, recipe, device, log=print):
         log = lambda *_, **__: None  # noqa: E731
     check_run_outputs(options, recipe)
     full, test_images = load_data(options, recipe, log)
+    if options.dry_run:
+        full, test_images = dry_run_sample(full, test_images, recipe, log)
     first = plan(recipe, full.labels, options.checkpoint_dir, options.seed)[0]
     processes = f" in each of {world_size} processes" if world_size > 1 else ""
     folds = f" (fold 1 of {recipe.ensemble.folds})" if recipe.ensemble.folds else ""
@@ -328,6 +333,16 @@ def train_and_submit(options, recipe, device, log=print):
     return {"histories": histories, "val_accuracy": val_accuracy, "submission": options.submission,
             "checkpoints": checkpoints, "seconds": seconds,
             "recipe": recipe}
+
+
+def dry_run_sample(full, test_images, recipe, log):
+    """A dry run checks all of both CSVs, then trains and predicts on a stratified sample of
+    train.csv and the first test images: every step of the run, in seconds."""
+    rows = max(DRY_RUN_ROWS, 4 * recipe.train.batch_size)  # a batch for every member, whatever its split
+    sample = full.subset(stratified_split(full.labels, rows / len(full), seed=0)[1]) if rows < len(full) else full
+    log(f"dry run: {len(sample):,} of {len(full):,} train.csv rows and {min(DRY_RUN_ROWS, len(test_images)):,} of "
+        f"{len(test_images):,} test images")
+    return sample, test_images[:DRY_RUN_ROWS]
 
 
 @contextlib.contextmanager

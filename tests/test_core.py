@@ -125,6 +125,17 @@ def test_dry_run_writes_nothing_and_leaves_a_real_run_alone(kaggle_dir, tmp_path
     assert all((tmp_path / name).read_bytes() == content for name, content in real_run.items())
 
 
+def test_dry_run_checks_all_rows_then_runs_on_a_stratified_sample(kaggle_dir, capsys, monkeypatch):
+    monkeypatch.setattr(main, "DRY_RUN_ROWS", 100)
+    assert main.main(["--data", str(kaggle_dir), "--dry-run", "--widths", "4", "8", "8", "--batch-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: 100 of 600 train.csv rows and 100 of 120 test images" in out
+    assert "data: 90 train / 10 validation / 100 test images" in out and "(100 rows)" in out
+    sample = main.dry_run_sample(main.DigitDataset(*make_digits(600, seed=1)), torch.zeros(120, 1, 28, 28),
+                                 small_recipe(batch_size=16), log=lambda *_: None)[0]
+    assert torch.bincount(sample.labels, minlength=10).tolist() == [10] * 10  # make_digits: 60 of each digit
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--submission", "{data}/test.csv"], "--submission {data}/test.csv: is an input of this run"),
     (["--submission", "/sys/x/y.csv"], "cannot write in /sys"),
