@@ -210,7 +210,6 @@ def train_members(options, recipe, members, full, device, log, extra=None):
         histories.append(train(model, with_extra(full.subset(member.train_rows), extra), full.subset(member.val_rows),
                                member.recipe, device, member.folder, seed=member.seed, resume=resume,
                                max_steps_per_epoch=1 if options.dry_run else 0,
-                               keep_best=not recipe.ensemble.folds,
                                log=(lambda message: None) if options.quiet else log,
                                progress=False if options.quiet else None))
     return histories

@@ -280,12 +280,13 @@ class Trainer:
     """One model's training run: optimizer, schedule, EMA, checkpoints, history.
 
     Writes `last.pt` after every epoch (resumable) and `best.pt`, the model submitted: every
-    epoch, so it ends as the last one, or with --best-epoch (keep_best) only on a new best
-    validation accuracy.
+    epoch, so it ends as the last one, or with --best-epoch only on a new best validation
+    accuracy (main.py refuses --best-epoch under --folds, whose validation rows are scored
+    out of fold).
     """
 
     def __init__(self, model, train_set, val_set, recipe, device, checkpoint_dir, seed=0, max_steps_per_epoch=0,
-                 keep_best=True, log=print, progress=False):
+                 log=print, progress=False):
         self.config, self.device, self.log, self.progress = recipe.train, device, log, progress
         self.rank, world_size = rank_and_world_size()
         self.model = model.to(device).to(memory_format=torch.channels_last)
@@ -293,7 +294,7 @@ class Trainer:
                                    max_steps_per_epoch)
         val_set = val_set.to(device)
         self.has_validation = len(val_set) > 0
-        self.keep_best = keep_best and self.config.best_epoch and self.has_validation  # else the last epoch
+        self.keep_best = self.config.best_epoch and self.has_validation  # else the last epoch
         self.val_shard = val_set.subset(slice(self.rank * len(val_set) // world_size,
                                               (self.rank + 1) * len(val_set) // world_size))
         self.max_val_batches = 1 if max_steps_per_epoch else 0
@@ -424,17 +425,15 @@ class Trainer:
 
 
 def train(model, train_set: DigitDataset, val_set: DigitDataset, recipe, device, checkpoint_dir, seed=0,
-          resume=False, max_steps_per_epoch=0, keep_best=True, log=print, progress=None):
+          resume=False, max_steps_per_epoch=0, log=print, progress=None):
     """Train `model` with `recipe` (its .train and .augment settings); returns the history,
     a list of per-epoch dicts (HISTORY_COLUMNS).
 
     In a process group, the batch size is the global batch (main.py checks that it divides
     by the world size) and only rank 0 writes. `progress`: tqdm bars for epochs and
     batches; None = only when stderr is a terminal. `log` gets one line per epoch.
-    keep_best=False (k-fold members, whose validation rows are scored out of fold) keeps the
-    last epoch even under --best-epoch.
     """
     progress = (sys.stderr.isatty() if progress is None else progress) and rank_and_world_size()[0] == 0
-    trainer = Trainer(model, train_set, val_set, recipe, device, checkpoint_dir, seed, max_steps_per_epoch,
-                      keep_best, log, progress)
+    trainer = Trainer(model, train_set, val_set, recipe, device, checkpoint_dir, seed, max_steps_per_epoch, log,
+                      progress)
     return trainer.fit(resume)
