@@ -375,7 +375,7 @@ class Trainer:
             correct += batch_correct
             if self.progress and step % 20 == 0:  # .item() waits for the device: not every step
                 bar.set_postfix({"loss": f"{loss_sum.item() / (step + 1):.3f}",
-                                 "acc": f"{correct.item() / ((step + 1) * self.config.batch_size):.3f}"})
+                                 "acc": f"{correct.item() / ((step + 1) * len(labels)):.3f}"})  # this rank's
         # Checked once an epoch, not per step (a per-step check syncs the GPU every step).
         totals = [loss_sum.item(), correct.item()]
         if dist.is_available() and dist.is_initialized():  # the same numbers everywhere: all stop on NaN
