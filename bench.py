@@ -2,8 +2,8 @@
 time-to-accuracy, inference speed, peak memory. A benchmark, not a test: nothing asserts.
 
 Usage:
-    python bench.py --data ../shared/data/digit-recognizer.zip           # default preset, ~5 min
-    python bench.py --data ../shared/data/digit-recognizer.zip --quick   # fast preset, < 1 min
+    python bench.py --data ../shared/data/digit-recognizer.zip           # default preset: a default run's time (~7 min)
+    python bench.py --data ../shared/data/digit-recognizer.zip --quick   # fast preset, about a minute
 
 Prints a table and writes the same figures to bench.json.
 """
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, type=path_argument,
                         help="folder with train.csv and test.csv, or the Kaggle zip (default: the first of data/, "
                              "data/digit-recognizer.zip and /kaggle/input/digit-recognizer/ that holds them)")
-    parser.add_argument("--quick", action="store_true", help="fast preset, under a minute (default: off)")
+    parser.add_argument("--quick", action="store_true", help="fast preset, about a minute (default: off)")
     parser.add_argument("--output", default="bench.json", help="JSON results (default: bench.json)")
     return run_command(lambda args: write_results(args.output, run(args)), parser.parse_args(argv))
 

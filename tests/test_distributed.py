@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import main
 from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
@@ -27,15 +28,15 @@ def data_dir(tmp_path_factory):
     return folder
 
 
-def train(data_dir, out, launcher, *extra):
+def train(data_dir, out, launcher, *extra, script="main.py", ok=True):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     # One thread per process: the test compares accuracy, and two threads on a busy
     # 2-core machine spin-wait (10x slower here).
     env["OMP_NUM_THREADS"] = "1"
-    command = launcher + ["main.py", "--data", str(data_dir), "--checkpoint-dir", str(out / "ck"),
+    command = launcher + [script, "--data", str(data_dir), "--checkpoint-dir", str(out / "ck"),
                           "--submission", str(out / "sub.csv"), *FLAGS, *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert (result.returncode == 0) == ok, result.stdout + result.stderr
     return result
 
 
@@ -66,6 +67,42 @@ def test_two_processes_match_one(data_dir, tmp_path, capsys):
     resumed = train(data_dir, tmp_path / "ddp", TORCHRUN, "--resume")
     assert resumed.stdout.count("resumed from") == 1
     assert len((tmp_path / "ddp" / "sub.csv").read_text().splitlines()) == TEST_ROWS + 1
+
+
+STOP_AT_EPOCH_2 = """
+import sys
+sys.path.insert(0, {root!r})
+import main
+import trainer
+run_epoch = trainer.Trainer.run_epoch
+
+
+def run_or_stop(self, epoch, bar):
+    if epoch == 1:
+        raise KeyboardInterrupt  # as Ctrl-C reaches every process of the group
+    return run_epoch(self, epoch, bar)
+
+
+trainer.Trainer.run_epoch = run_or_stop
+sys.exit(main.main())
+"""
+
+
+def test_two_processes_interrupted_then_resumed_match_the_uninterrupted_run(data_dir, tmp_path):
+    whole = tmp_path / "whole"
+    train(data_dir, whole, TORCHRUN)
+    stopping = tmp_path / "stop_at_epoch_2.py"
+    stopping.write_text(STOP_AT_EPOCH_2.format(root=ROOT))
+    cut = tmp_path / "cut"
+    stopped = train(data_dir, cut, TORCHRUN, script=str(stopping), ok=False)
+    assert "interrupted; resume with" in stopped.stderr
+    assert load_checkpoint(str(cut / "ck" / "last.pt"))["epoch"] == 1
+    resumed = train(data_dir, cut, TORCHRUN, "--resume")
+    assert "after epoch 1/2" in resumed.stdout
+    for name in ("best.pt", "last.pt"):
+        state, reference = load_checkpoint(str(cut / "ck" / name)), load_checkpoint(str(whole / "ck" / name))
+        assert all(torch.equal(state["model"][k], reference["model"][k]) for k in reference["model"]), name
+    assert (cut / "sub.csv").read_bytes() == (whole / "sub.csv").read_bytes()
 
 
 def test_batch_size_must_divide_over_processes(monkeypatch, capsys):
