@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from DigitRecognizerModel import own_defaults
+from DigitRecognizerModel import NUM_CLASSES, own_defaults
 from dataloader import DigitDataset, stratified_split
 from recipe import VAL_FRACTION, Recipe
 
@@ -96,7 +96,7 @@ def plan(recipe, labels, checkpoint_dir, seed):
 def out_of_fold_probs(members, models, full: DigitDataset, predict):
     """(N, classes) probabilities of every row by the one member that held it out;
     `predict(models, images)` gives class probabilities."""
-    probs = torch.zeros(len(full), 10)
+    probs = torch.zeros(len(full), NUM_CLASSES)
     for member, model in zip(members, models):
         probs[member.val_rows] = predict([model], full.images[member.val_rows])
     return probs

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from DigitRecognizerModel import NUM_CLASSES
 from cli import ArgumentParser, UserError, path_argument, ranged, run_command
 from dataloader import find_data, iter_digit_csv, source_files
 from files import atomic_write_bytes, check_outputs
@@ -104,7 +105,7 @@ def onnx_probabilities(sess, images, batch_size=BATCH_SIZE):
     """Probabilities (N, classes) float32 numpy for uint8 images (N, 1, 28, 28), in batches."""
     outputs = [sess.run(None, {"images": images[start:start + batch_size].numpy().astype(np.float32) / 255})[0]
                for start in range(0, len(images), batch_size)]
-    return np.concatenate(outputs) if outputs else np.zeros((0, 10), np.float32)
+    return np.concatenate(outputs) if outputs else np.zeros((0, NUM_CLASSES), np.float32)
 
 
 def parity(models, sess, images):

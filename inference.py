@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
+from DigitRecognizerModel import NUM_CLASSES, load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, choose_device, path_argument, run_command
 from dataloader import (CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv,
                         source_files, warp)
@@ -69,7 +69,7 @@ def predict_logits(model, images, device, batch_size=None, view: View = View()):
         with autocast(device):
             logits = model(x.contiguous(memory_format=torch.channels_last))
         outputs.append(logits.float())
-    return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=device)
+    return torch.cat(outputs) if outputs else torch.zeros(0, NUM_CLASSES, device=device)
 
 
 def load_models(paths, device):
