@@ -32,6 +32,7 @@ PIXEL_MEAN = 0.1307
 PIXEL_STD = 0.3081
 NUM_CLASSES = 10  # digits; a submission's Label is one of them
 MAX_WIDTH = 1024  # channels per layer; far above anything useful on 28x28 digits
+CNN_WIDTHS, CNN_DROPOUT = (16, 32, 128), 0.1  # the default architecture's own, so the config's defaults
 
 ARCHITECTURES = {}  # name -> nn.Module class taking a ModelConfig
 
@@ -51,9 +52,9 @@ class CheckpointError(UserError):
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = setting("cnn", "architecture", choices=lambda: sorted(ARCHITECTURES))
-    widths: tuple = setting((16, 32, 128), "channels of the three stages (deotte: two conv stages, then its dense "
+    widths: tuple = setting(CNN_WIDTHS, "channels of the three stages (deotte: two conv stages, then its dense "
                                            "layer)", low=1, high=MAX_WIDTH)
-    dropout: float = setting(0.1, "dropout rate (cnn: before the classifier; deotte: after each stage and the dense "
+    dropout: float = setting(CNN_DROPOUT, "dropout rate (cnn: before the classifier; deotte: after each stage and the dense "
                                   "layer)", low=0, high=1, high_open=True)
     num_classes: int = NUM_CLASSES
 
@@ -74,7 +75,6 @@ class DigitCNN(nn.Module):
 
     Input: float images in [0, 1], shape (N, 1, 28, 28). Output: logits (N, classes).
     """
-    DEFAULT_WIDTHS, DEFAULT_DROPOUT = (16, 32, 128), 0.1
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -106,7 +106,7 @@ class DigitCNN(nn.Module):
 class DigitRecognizerModel(DigitCNN):
     """Two conv-conv-pool stages and a valid 3x3 conv, then a linear classifier.
     At widths (16, 32, 128): 86k parameters, 5.6M multiply-adds per image."""
-    DEFAULT_WIDTHS, DEFAULT_DROPOUT = (16, 32, 128), 0.1
+    DEFAULT_WIDTHS, DEFAULT_DROPOUT = CNN_WIDTHS, CNN_DROPOUT
 
     @staticmethod
     def layers(c1, c2, c3, dropout, num_classes):
