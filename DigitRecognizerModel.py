@@ -32,7 +32,7 @@ PIXEL_MEAN = 0.1307
 PIXEL_STD = 0.3081
 NUM_CLASSES = 10  # digits; a submission's Label is one of them
 MAX_WIDTH = 1024  # channels per layer; far above anything useful on 28x28 digits
-CNN_WIDTHS, CNN_DROPOUT = (16, 32, 128), 0.1  # the default architecture's own, so the config's defaults
+CNN_WIDTHS, CNN_DROPOUT = (16, 32, 128), 0.1  # the cnn's own widths and dropout, also the config's defaults
 
 ARCHITECTURES = {}  # name -> nn.Module class taking a ModelConfig
 
