@@ -221,7 +221,10 @@ def _read_chunks(label, opener, chunk_rows, dtype=None):
     try:
         with _LineBoundedReader(opener(), label) as source:
             # A blank line is kept (as a row of blanks): skipped, it would shift every later line number.
-            reader = pd.read_csv(source, chunksize=chunk_rows, dtype=dtype, skip_blank_lines=False)
+            # low_memory=False: the checked pass types each chunk's column as a whole, or a block of
+            # True/False cells among numbers came back as Python bools, which to_numeric takes as 1/0.
+            reader = pd.read_csv(source, chunksize=chunk_rows, dtype=dtype, skip_blank_lines=False,
+                                 low_memory=dtype is not None)
             while True:
                 with np.errstate(invalid="ignore"), warnings.catch_warnings():
                     # An Inf cell cast to uint8 warns, then raises; a column of text and numbers warns

@@ -176,6 +176,17 @@ def test_bad_cell_in_a_later_chunk_names_its_line(tmp_path, value, expected):
         next(chunks)
 
 
+def test_a_block_of_true_false_cells_among_numbers_is_refused_at_its_first_line(tmp_path):
+    """pandas types a column in blocks of about 1,024 rows: a block of True/False cells came
+    back as Python bools among numbers, read as 1/0."""
+    path = write_csv(tmp_path / "train.csv", *make_digits(1100))
+    lines = open(path).read().splitlines()
+    lines = true_false_column(lines[:1025]).splitlines() + lines[1025:]  # the header and 1,024 rows, then numbers
+    write(tmp_path / "train.csv", "\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="line 2, column 'pixel5': 'True' is not a whole number"):
+        load_train(path)
+
+
 def test_text_cell_after_1500_rows_gives_no_pandas_warning(tmp_path):
     """pandas guesses column types per block of rows and warns (DtypeWarning, with its own source
     line on stderr) when a column mixes numbers and text: the user gets our one line only."""
