@@ -11,6 +11,7 @@ its own augmentation and dropout; `batch_size` stays the global batch. Validatio
 sharded too and its sums all-reduced; only rank 0 writes files.
 """
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -241,6 +242,16 @@ class RunState:
     epoch: int = 0
 
 
+def _record_the_momentum_that_ran(state):
+    """A last.pt written before --momentum set the one-cycle schedule records --momentum 0.9,
+    while its schedule ran 0.95 -> 0.85 (saved in its optimizer): compare what ran, so such a
+    run resumes with the same flags."""
+    with contextlib.suppress(AttributeError, IndexError, KeyError, TypeError):  # not a last.pt: check_resumable says
+        ran = state["optimizer"]["param_groups"][0]["max_momentum"]
+        if state["identity"]["momentum"] != ran:
+            state["identity"]["momentum"] = ran
+
+
 def check_resumable(state, path, identity, flags=None):
     """CheckpointError unless last.pt `state` was written by a run with this `identity`
     (the whole recipe, the member's seed and the data's fingerprint); `flags` names each setting's flag."""
@@ -325,6 +336,7 @@ class Trainer:
         """Continue from last.pt, after checking it belongs to this very run."""
         path = self.paths["last.pt"]
         saved = load_checkpoint(path, map_location=self.device)
+        _record_the_momentum_that_ran(saved)
         check_resumable(saved, path, self.identity, self.flags)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])

@@ -267,6 +267,22 @@ def test_resume_in_a_folder_an_earlier_run_used_continues_this_run_only(capsys, 
     assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
 
 
+def test_a_last_pt_from_before_momentum_set_the_schedule_resumes_with_the_same_flags(capsys, data, tmp_path,
+                                                                                      monkeypatch):
+    """Such a file records --momentum 0.9 (then the default, and inert) and a 0.95 -> 0.85 schedule."""
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "whole"))[0] == 0
+    interrupt_at_epoch(monkeypatch, 2)
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "cut"))[0] == 130
+    monkeypatch.undo()
+    last = tmp_path / "cut" / "ckpt" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["identity"]["momentum"] = 0.9
+    torch.save(state, last)
+    code, stdout, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", "--resume"))
+    assert (code, err) == (0, []) and "after epoch 1/2" in stdout
+    assert_same_weights(tmp_path / "cut" / "ckpt" / "last.pt", tmp_path / "whole" / "ckpt" / "last.pt")
+
+
 def test_resume_without_a_finished_members_best_pt_says_so(capsys, data, tmp_path):
     assert cli(capsys, main, *tiny_argv(data, tmp_path, "--ensemble", "2"))[0] == 0
     best = tmp_path / "ckpt" / "member1" / "best.pt"
