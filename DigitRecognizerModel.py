@@ -53,9 +53,9 @@ class CheckpointError(UserError):
 class ModelConfig:
     arch: str = setting("cnn", "architecture", choices=lambda: sorted(ARCHITECTURES))
     widths: tuple = setting(CNN_WIDTHS, "channels of the three stages (deotte: two conv stages, then its dense "
-                                           "layer)", low=1, high=MAX_WIDTH)
-    dropout: float = setting(CNN_DROPOUT, "dropout rate (cnn: before the classifier; deotte: after each stage and the dense "
-                                  "layer)", low=0, high=1, high_open=True)
+                                        "layer)", low=1, high=MAX_WIDTH)
+    dropout: float = setting(CNN_DROPOUT, "dropout rate (cnn: before the classifier; deotte: after each stage "
+                                          "and the dense layer)", low=0, high=1, high_open=True)
     num_classes: int = NUM_CLASSES
 
 

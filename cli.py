@@ -81,7 +81,7 @@ def ranged(kind, low=None, high=None):
 def path_argument(text):
     """An argparse `type` for a path: '' (an unset shell variable, say) is refused, naming the flag."""
     if not text:
-        raise argparse.ArgumentTypeError("is empty; give a file or folder path")
+        raise argparse.ArgumentTypeError("is empty; give a path")
     return text
 
 

@@ -74,9 +74,9 @@ def build_parser(parser_class=ArgumentParser):
     parser.add_argument("--submission", default="final_submission.csv", help="submission path (default: final_submission.csv)")
     parser.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt (default: off)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="check all the data, then run every step on 1,000 of its rows (one epoch of one "
-                             "batch per model) with outputs in a temporary folder that is removed: a smoke test "
-                             "that writes nothing (default: off)")
+                        help="check all the data, then run every step on a sample of 1,000 of its rows (more "
+                             "for batches over 250; one epoch of one batch per model) with outputs in a temporary "
+                             "folder that is removed: a smoke test that writes nothing (default: off)")
     parser.add_argument("--report", default="reports/", metavar="DIR",
                         help="after training, write plots and per_class_accuracy.csv for the submitted predictor "
                              "on the validation split here; '' = no report (default: reports/)")
@@ -357,8 +357,8 @@ def dry_run_outputs(options, log):
     options.report = os.path.join(folder, "reports") if options.report else ""
     try:
         yield
-        log(f"dry run: everything worked; its outputs (in {folder}, the report too) were temporary and are "
-            f"removed now, nothing else was written")
+        log(f"dry run: everything worked; its outputs (in {folder}{', the report too' if options.report else ''}) "
+            f"were temporary and are removed now, nothing else was written")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

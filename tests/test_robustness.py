@@ -440,7 +440,7 @@ def test_an_empty_input_path_is_one_line_naming_its_flag(capsys, module, argv, f
     with pytest.raises(SystemExit) as stop:
         module.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert stop.value.code == 2 and len(err) == 1 and f"error: argument {flag}: is empty; give a file" in err[0]
+    assert stop.value.code == 2 and len(err) == 1 and f"error: argument {flag}: is empty; give a path" in err[0]
 
 
 def kaggle_zip_only(folder):
