@@ -38,7 +38,7 @@ class TrainingDiverged(Exception):
     """The loss became NaN or Inf."""
 
 
-MOMENTUM_DIP = 0.1  # the one-cycle schedule's momentum falls from --momentum to this much below it as the LR peaks
+MOMENTUM_DIP = 0.1  # the one-cycle momentum falls from --momentum to this much below it as the LR peaks
 
 
 @dataclass(frozen=True)
