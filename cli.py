@@ -114,6 +114,13 @@ def setting_fields(config):
             yield config, field
 
 
+def as_typed(value) -> str:
+    """A setting's value as its flag takes it: '16 32 128', 'on'/'off', '0.1'."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 def add_setting_flags(parser, config, notes=None):
     """One flag per setting of the dataclass tree `config`; their defaults stay None so an
     unset flag can be told from one set to the default (presets fill the rest).
@@ -123,10 +130,7 @@ def add_setting_flags(parser, config, notes=None):
     for owner, field in setting_fields(config):
         meta, default = field.metadata, getattr(owner, field.name)
         note = f"; {notes[field.name]}" if notes and field.name in notes else ""
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        if isinstance(default, bool):
-            shown = "on" if default else "off"
-        kwargs = dict(help=f"{meta['help']} (default: {shown}{note})", default=None, dest=field.name,
+        kwargs = dict(help=f"{meta['help']} (default: {as_typed(default)}{note})", default=None, dest=field.name,
                       metavar=None if isinstance(default, bool) or meta["choices"] is not None  # {a,b}: the choices
                       else flag_name(field).strip("-").upper())
         if isinstance(default, bool):

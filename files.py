@@ -158,6 +158,7 @@ def _identities(path):
 
 
 def _folders_above(real_path):
+    """Every folder above `real_path`, nearest first, up to the root."""
     folder = os.path.dirname(real_path)
     while folder != os.path.dirname(folder):
         yield folder
@@ -193,7 +194,7 @@ def check_outputs(outputs, inputs):
     written = {}  # each identity of an earlier output -> (flag, path)
     folders = {}  # each folder above an earlier output -> (flag, path); a dict each: n outputs in n steps
     for flag, path in outputs:
-        keys = _identities(path)
+        keys, folders_above = _identities(path), list(_folders_above(os.path.realpath(path)))
         for key in keys:
             if key in sources:
                 raise OutputError(f"{flag} {path}: is an input of this run ({sources[key]}); "
@@ -201,7 +202,7 @@ def check_outputs(outputs, inputs):
             if key in written:
                 raise OutputError(f"{flag} {path}: is also the {written[key][0]} output of this run; "
                                   f"give each output its own path")
-        above = next((written[folder] for folder in _folders_above(keys[0]) if folder in written), None)
+        above = next((written[folder] for folder in folders_above if folder in written), None)
         if above:  # this file's folder would have to be the other's file, or the other way round
             raise OutputError(f"{above[0]} {above[1]}: is a folder of the {flag} output {path}, so "
                               f"it cannot be a file too; give each output its own path")
@@ -210,7 +211,7 @@ def check_outputs(outputs, inputs):
             raise OutputError(f"{flag} {path}: is a folder of the {other_flag} output {other}, so "
                               f"it cannot be a file too; give each output its own path")
         written.update(dict.fromkeys(keys, (flag, path)))
-        folders.update(dict.fromkeys(_folders_above(keys[0]), (flag, path)))
+        folders.update(dict.fromkeys(folders_above, (flag, path)))
     for flag, path in outputs:
         check_writable(flag, path)
 
@@ -248,9 +249,7 @@ def folder_lock(folder, flag="--checkpoint-dir"):
         except BlockingIOError:
             raise OutputError(f"{flag} {folder}: in use by another run ({_holder(absolute)}); "
                               f"wait for it to finish or pass another {flag}") from None
-        above = os.path.realpath(folder)
-        while above != os.path.dirname(above):
-            above = os.path.dirname(above)
+        for above in _folders_above(os.path.realpath(folder)):
             try:
                 descriptors.append(os.open(above, os.O_RDONLY | os.O_DIRECTORY))
             except OSError:

@@ -8,7 +8,7 @@ checkpoint stores the whole recipe, so `--resume` can tell a changed setting.
 from dataclasses import dataclass
 
 from DigitRecognizerModel import ARCHITECTURES, ModelConfig, own_defaults
-from cli import replace_settings, setting
+from cli import as_typed, replace_settings, setting
 from dataloader import AugmentConfig
 from trainer import TrainConfig
 
@@ -61,10 +61,10 @@ def flag_notes():
         notes[key] = f"{notes[key]}; {text}" if key in notes else text
     for name, changes in PRESETS.items():
         for key, value in changes.items():
-            add(key, f"--preset {name}: " + (("on" if value else "off") if isinstance(value, bool) else str(value)))
+            add(key, f"--preset {name}: {as_typed(value)}")
     default_model = ModelConfig()
     for arch in sorted(ARCHITECTURES):
         for key, value in own_defaults(arch).items():
             if value != getattr(default_model, key):
-                add(key, f"--arch {arch}: " + (" ".join(map(str, value)) if isinstance(value, tuple) else str(value)))
+                add(key, f"--arch {arch}: {as_typed(value)}")
     return notes
