@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from cli import UserError, setting
-from files import atomic_open
+from files import Kind, atomic_open
 
 # Mean and std of MNIST pixels scaled to [0, 1]; the model normalises its own input so
 # every caller feeds it plain [0, 1] images.
@@ -163,13 +163,23 @@ def config_from_dict(values: dict) -> ModelConfig:
         raise ValueError(f"model config has unknown fields {sorted(set(values) - known)}")
     values = dict(values)
     if "widths" in values:
-        values["widths"] = tuple(values["widths"])
+        values["widths"] = tuple(values["widths"]) if isinstance(values["widths"], (list, tuple)) else values["widths"]
     config = ModelConfig(**values)
-    if config.num_classes != NUM_CLASSES:
-        raise ValueError(f"it predicts {config.num_classes} classes, not the {NUM_CLASSES} digits")
-    if not all(isinstance(w, int) and 1 <= w <= MAX_WIDTH for w in config.widths):
-        raise ValueError(f"widths {config.widths} are outside 1-{MAX_WIDTH}")
+    if not _is_whole(config.num_classes) or config.num_classes != NUM_CLASSES:
+        raise ValueError(f"it predicts {config.num_classes!r} classes, not the {NUM_CLASSES} digits")
+    if not (isinstance(config.widths, tuple) and all(_is_whole(w) and 1 <= w <= MAX_WIDTH for w in config.widths)):
+        raise ValueError(f"widths {config.widths!r} are not whole numbers 1-{MAX_WIDTH}")
+    dropout = config.dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:  # NaN too
+        raise ValueError(f"dropout {dropout!r} is not a probability 0 to 1")
     return config
+
+
+def _is_whole(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+CHECKPOINT = Kind("a checkpoint", b"PK\x03\x04", (b"model_config",))  # torch.save's zip; save_checkpoint's first key
 
 
 def save_checkpoint(path, model, **extra):
@@ -244,6 +254,9 @@ def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:
         with torch.device("meta"):
             expected = {k: v.shape for k, v in build_model(config).state_dict().items()}
         stored = state["model"]
+        not_tensor = next((key for key, value in stored.items() if not isinstance(value, torch.Tensor)), None)
+        if not_tensor is not None:
+            raise ValueError(f"{not_tensor!r} in its weights is not a tensor ({type(stored[not_tensor]).__name__})")
         for key, shape in expected.items():
             tensor = stored.get(key)
             if not isinstance(tensor, torch.Tensor) or tensor.shape != shape:
@@ -251,6 +264,8 @@ def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:
                 raise ValueError(f"{key} is {found}, the config needs {tuple(shape)}")
         if any(t.is_floating_point() and not torch.isfinite(t).all() for t in stored.values()):
             raise ValueError("its weights hold NaN or Inf values (a diverged run?)")
+        if any(key.endswith("running_var") and (value < 0).any() for key, value in stored.items()):
+            raise ValueError("its BatchNorm running variances hold negative values (a damaged file?)")
         model = build_model(config)
         model.load_state_dict(stored)
     except CheckpointError as e:  # an unknown architecture: name the file too

@@ -10,6 +10,8 @@ Augmentation is a batched random affine warp (rotation, scale, shear, shift) plu
 optional elastic distortion, done with `affine_grid`/`grid_sample` on the training device.
 """
 
+import collections
+import contextlib
 import gzip
 import io
 import math
@@ -31,7 +33,7 @@ NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(NUM_PIXELS)]
 CHUNK_ROWS = 8192  # rows per pandas chunk: bounded memory (~50 MB of int64) at full speed
 KAGGLE_LINE_BYTES = (NUM_PIXELS + 1) * 4  # label + 784 pixels, each at most "255,"
-MAX_LINE_BYTES = (NUM_PIXELS + 1) * 16  # generous: room for "255.000000000000" cells and spaces
+MAX_LINE_BYTES = (NUM_PIXELS + 1) * 32  # generous: room for numpy.savetxt's 25-byte "2.550000000000000000e+02"
 KAGGLE_INPUT_ENV = "DIGIT_RECOGNIZER_KAGGLE_INPUT"  # where Kaggle Notebooks mount data (tests point it elsewhere)
 KAGGLE_ZIP = "digit-recognizer.zip"  # the name the Kaggle CLI downloads the competition's data as
 GET_THE_DATA = ("get the data with `kaggle competitions download -c digit-recognizer -p data`, "
@@ -117,6 +119,10 @@ def resolve_csv(path: str, name: str):
             return found[0], lambda: _open_file(found[0])
         if os.path.isfile(os.path.join(path, KAGGLE_ZIP)):  # data/ as `kaggle competitions download -p data` leaves it
             return _resolve_zip_member(os.path.join(path, KAGGLE_ZIP), name)
+        with contextlib.suppress(OSError):
+            if name in os.listdir(path):  # listed, yet not a file it can stat
+                raise DataError(f"{os.path.join(path, name)}: cannot be read (a broken link, a folder, or a folder "
+                                f"without search permission); fix it or pass the file's own path")
         raise DataError(f"{path}: folder has no {name} and no {KAGGLE_ZIP}; put Kaggle's files there or pass "
                         f"their path")
     if _is_zip(path):
@@ -129,11 +135,15 @@ def _open_file(path):
 
 
 def _resolve_zip_member(path, name):
+    if not os.path.isfile(path):  # zipfile would read a device such as /dev/zero to its endless end
+        raise DataError(f"{path}: is not a regular file (a device or pipe); pass the Kaggle zip itself")
     try:
-        with zipfile.ZipFile(path) as archive:
-            members = [m for m in archive.infolist() if os.path.basename(m.filename) == name]
+        with zipfile.ZipFile(path) as archive:  # a zip made on Windows may separate folders with backslashes
+            members = [m for m in archive.infolist() if os.path.basename(m.filename.replace("\\", "/")) == name]
     except zipfile.BadZipFile as e:
         raise DataError(_damaged_zip(path, e)) from None
+    except OSError as e:
+        raise DataError(_unreadable(path, e)) from None
     if not members:
         raise DataError(f"{path}: zip has no {name}; pass the digit-recognizer.zip that Kaggle ships")
     if len(members) > 1:
@@ -148,6 +158,12 @@ def _resolve_zip_member(path, name):
         raise DataError(f"{label}: is compressed with {method}, which Python cannot read; "
                         f"unpack it with unzip or 7-Zip and pass the folder")
     return label, lambda: zipfile.ZipFile(path).open(member)
+
+
+def _unreadable(path, error):
+    if isinstance(error, PermissionError):
+        return f"{path}: permission denied; check its permissions (ls -l) or pass a readable copy"
+    return f"{path}: cannot be read ({error.strerror or type(error).__name__}); pass the Kaggle train.csv/test.csv"
 
 
 def _damaged_zip(path, error):
@@ -243,10 +259,12 @@ def _read_chunks(label, opener, chunk_rows, dtype=None):
         raise DataError(f"{label}: {detail}; every line needs the header's number of cells") from None
     except zipfile.BadZipFile as e:
         raise DataError(_damaged_zip(label, e)) from None
-    except (zlib.error, EOFError) as e:  # a corrupt deflate stream (zip or .gz), or a .gz cut short
+    except (zlib.error, EOFError, gzip.BadGzipFile) as e:  # a corrupt deflate stream (zip or .gz), a .gz cut short
         raise DataError(f"{label}: damaged compressed data ({e}); download or compress it again") from None
-    except (UnicodeDecodeError, OSError) as e:
+    except UnicodeDecodeError as e:
         raise DataError(f"{label}: not a readable CSV ({type(e).__name__}); pass the Kaggle train.csv/test.csv") from None
+    except OSError as e:
+        raise DataError(_unreadable(label, e)) from None
 
 
 # ----------------------------------------------------------------------------- checking
@@ -257,9 +275,15 @@ def _check_columns(label, columns, expect_label):
         for separator, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'"), (" ", "spaces")):
             if separator in columns[0]:
                 raise DataError(f"{label}: uses {name} between cells; Kaggle's CSVs use commas")
+    if columns[0] == "ImageId":  # a submission or --probs file
+        raise DataError(f"{label}: is predictions ({', '.join(columns[:2])}, ...), not Kaggle's "
+                        f"{'train' if expect_label else 'test'}.csv; pass that file")
     if not any(c == "label" or c.startswith("pixel") for c in columns):
         raise DataError(f"{label}: no header line (the first line is {', '.join(columns[:3])}, ...); add Kaggle's "
                         f"header, {'label,' if expect_label else ''}pixel0,...,pixel783, as the first line")
+    repeated = next((c for c, count in collections.Counter(columns).items() if count > 1), None)
+    if repeated is not None:  # pandas renames only exact repeats; ' label' and 'label' reach here
+        raise DataError(f"{label}: column '{repeated}' appears twice in the header; keep one of them")
     pixel_columns = [c for c in columns if c != "label"]
     if expect_label and "label" not in columns:
         raise DataError(f"{label}: no 'label' column; a training CSV needs label,pixel0..pixel783")

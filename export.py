@@ -34,8 +34,8 @@ import torch.nn as nn
 from DigitRecognizerModel import NUM_CLASSES
 from cli import ArgumentParser, UserError, path_argument, ranged, run_command
 from dataloader import find_data, iter_digit_csv, source_files
-from files import atomic_write_bytes, check_outputs
-from inference import load_models, predict_probs
+from files import Kind, atomic_write_bytes, check_outputs
+from inference import check_each_once, load_models, predict_probs
 
 OPSET = 17
 INSTALL_HINT = "pip install -r requirements-export.txt (or: pip install onnx onnxruntime)"
@@ -58,6 +58,10 @@ def require(*names):
         raise MissingExtra(f"ONNX export needs {' and '.join(missing)}, optional packages not in "
                            f"requirements.txt: {INSTALL_HINT}")
     return modules
+
+
+# ModelProto's first fields: ir_version (tag 0x08), the producer, then the graph's first node, named by its module
+ONNX_GRAPH = Kind("an ONNX graph", b"\x08", (b"pytorch", b"/members.0/"))
 
 
 class ParityError(Exception):
@@ -181,8 +185,9 @@ def run(args, log=print):
     """Export, check, then write; returns the parity figures (None without a check)."""
     if args.input is not None:
         args.input = find_data(args.input, names=("test.csv",))
-    check_outputs([("--output", args.output)], [*args.checkpoint, *source_files(args.input or "", "test.csv")])
+    check_outputs([("--output", args.output, ONNX_GRAPH)], [*args.checkpoint, *source_files(args.input or "", "test.csv")])
     require("onnx", *(["onnxruntime"] if args.check else []))  # before loading anything
+    check_each_once(args.checkpoint)
     models = load_models(args.checkpoint, torch.device("cpu"))
     graph = to_onnx(models, args.opset)
     result = None
@@ -190,7 +195,7 @@ def run(args, log=print):
         result = parity(models, session(graph), check_images(args.input, args.check))
         log(f"parity on {result['images']:,} {'test' if args.input else 'synthetic'} images: max |p_onnx - p_torch| "
             f"{result['max_abs_diff']:.2e}, labels identical on {result['labels_agree']:,}/{result['images']:,}")
-        if result["max_abs_diff"] > args.tolerance or result["real_disagreements"]:
+        if not result["max_abs_diff"] <= args.tolerance or result["real_disagreements"]:  # NaN fails too
             raise ParityError(f"onnxruntime disagrees with torch beyond --tolerance {args.tolerance:g} "
                               f"(max difference {result['max_abs_diff']:.2e}, "
                               f"{result['real_disagreements']} differing labels); {args.output} not written")

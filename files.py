@@ -7,6 +7,7 @@ checkpoint folder.
 """
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -166,26 +167,46 @@ def _folders_above(real_path):
     yield folder
 
 
-def check_replaces_only(flag, path, extension, starts=b""):
-    """OutputError if `path`, where an `extension` file goes, is an existing file (or a link to
-    one) of another name, unless it starts with `starts` (an earlier run wrote it): a typo such
-    as `--output ck/best.pt` would replace a checkpoint, a script or a photo."""
-    if path and os.path.isfile(path) and not os.path.realpath(path).lower().endswith(extension):
-        with contextlib.suppress(OSError), open(path, "rb") as f:
-            if starts and f.read(len(starts)) == starts:
-                return
-        raise OutputError(f"{flag} {path}: would replace a file that is not a {extension}; "
-                          f"give a {extension} path, or move that file first")
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """How a kind of file this suite writes begins. An output replaces only such a file (an
+    earlier run's) or an empty one: `--output data/train.csv`, or a report into a folder that
+    holds the user's own index.html, must not replace the user's file."""
+    name: str  # for the message: "a submission CSV"
+    starts: bytes  # its first bytes
+    holds: tuple = ()  # byte strings that are also in its first HEAD_BYTES bytes
+
+    def wrote(self, head: bytes) -> bool:
+        return head.startswith(self.starts) and all(part in head for part in self.holds)
+
+
+HEAD_BYTES = 4096  # of an existing file: enough to tell each Kind
+
+
+def check_replaces_only(flag, path, kind):
+    """OutputError if `path` is an existing file (or a link to one) that holds something and is
+    not a `kind` file, which an earlier run wrote and this one may replace."""
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot read it to tell whether an earlier run wrote it ({_reason(e)}); "
+                          f"move that file or give another path") from None
+    if head and not kind.wrote(head):
+        raise OutputError(f"{flag} {path}: would replace a file that is not {kind.name} this suite wrote; "
+                          f"move that file or give another path")
 
 
 def check_outputs(outputs, inputs):
     """OutputError unless every output can be written and clobbers nothing it must not.
 
-    outputs: [(flag, path)] of every file the run will write; inputs: paths it reads.
+    outputs: [(flag, path, Kind)] of every file the run will write; inputs: paths it reads.
     An output may not be an input (it would replace the user's data) or another output
-    (one would overwrite the other).
+    (one would overwrite the other), and replaces only a file of its Kind.
     """
-    for flag, path in outputs:
+    for flag, path, _ in outputs:
         if not path:  # before the comparisons: '' would resolve to the current folder
             raise OutputError(f"{flag} is empty; give a file path")
         if os.path.basename(path) in ("", ".", ".."):  # 'x/' or 'x/.': the checks below would not see x
@@ -193,7 +214,7 @@ def check_outputs(outputs, inputs):
     sources = {key: source for source in inputs if source for key in _identities(source)}
     written = {}  # each identity of an earlier output -> (flag, path)
     folders = {}  # each folder above an earlier output -> (flag, path); a dict each: n outputs in n steps
-    for flag, path in outputs:
+    for flag, path, _ in outputs:
         keys, folders_above = _identities(path), list(_folders_above(os.path.realpath(path)))
         for key in keys:
             if key in sources:
@@ -212,11 +233,13 @@ def check_outputs(outputs, inputs):
                               f"it cannot be a file too; give each output its own path")
         written.update(dict.fromkeys(keys, (flag, path)))
         folders.update(dict.fromkeys(folders_above, (flag, path)))
-    for flag, path in outputs:
+    for flag, path, kind in outputs:
         check_writable(flag, path)
+        check_replaces_only(flag, path, kind)
 
 
 HOLDER_FILE = ".digit-recognizer-run"  # in a locked folder: who holds it; a name no user file has
+HOLDER = Kind("a run lock file", b"pid ")
 
 
 def _holder(folder):

@@ -25,11 +25,11 @@ from typing import NamedTuple
 
 import torch
 
-from DigitRecognizerModel import NUM_CLASSES, load_checkpoint, model_from_checkpoint
-from cli import ArgumentParser, choose_device, path_argument, run_command
+from DigitRecognizerModel import NUM_CLASSES, CheckpointError, load_checkpoint, model_from_checkpoint
+from cli import ArgumentParser, UserError, choose_device, path_argument, run_command
 from dataloader import (CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv,
                         source_files, warp)
-from files import atomic_open, check_outputs, check_replaces_only
+from files import Kind, atomic_open, check_outputs
 from report import report_files, write_report
 
 
@@ -43,6 +43,7 @@ class View(NamedTuple):
 # Test-time augmentation: the image itself plus small shifts and rotations; the softmax
 # outputs over all views are averaged.
 TTA_VIEWS = [View(), View(0, 1, 0), View(0, -1, 0), View(0, 0, 1), View(0, 0, -1), View(8, 0, 0), View(-8, 0, 0)]
+PREDICTIONS = Kind("a submission or probabilities CSV", b"ImageId,")  # also Kaggle's sample_submission.csv
 
 
 def eval_batch_size(device):
@@ -80,12 +81,32 @@ def load_models(paths, device):
 def ready_to_predict(state, path, device):
     """The model of a loaded checkpoint `state` (from `path`), BatchNorm folded, on `device`."""
     model = model_from_checkpoint(state, path).fuse_batchnorm_()
+    model.checkpoint_path = path  # for predict_probs's message
     return model.to(device).to(memory_format=torch.channels_last)
 
 
-def trained_with_tta(states):
-    """Whether the runs that wrote these checkpoints submitted with TTA (the recipe each stores)."""
-    return all(state.get("identity", {}).get("tta", False) for state in states)
+def trained_with_tta(states, log=print):
+    """Whether the runs that wrote these checkpoints submitted with TTA (the recipe each stores);
+    where they disagree, not, and a note says so."""
+    used = [state.get("identity", {}).get("tta") is True for state in states]
+    if any(used) and not all(used):
+        log(f"note: {sum(used)} of these {len(used)} checkpoints were submitted with TTA, the others without; "
+            f"predicting without it (pass --tta to use it)")
+    return all(used)
+
+
+def check_each_once(paths):
+    """UserError if one checkpoint is given twice (`a/best.pt ./a/best.pt`): it would count
+    twice in the average."""
+    seen = {}
+    for path in paths:
+        with contextlib.suppress(OSError):  # a missing file: loading it says so
+            status = os.stat(path)
+            key = (status.st_dev, status.st_ino)
+            if key in seen:
+                raise UserError(f"--checkpoint {path}: is {seen[key]} again; each checkpoint counts once in the "
+                                f"average, so give it once")
+            seen[key] = path
 
 
 def predict_probs(models, images, device, tta=False):
@@ -95,6 +116,9 @@ def predict_probs(models, images, device, tta=False):
     for model in models:
         for view in views:
             probs = predict_logits(model, images, device, view=view).softmax(1)
+            if not torch.isfinite(probs).all():  # finite weights can still overflow: a damaged file
+                raise CheckpointError(f"{getattr(model, 'checkpoint_path', 'the model')}: gives NaN or Inf "
+                                      f"probabilities (damaged weights?); use a checkpoint from a run that finished")
             total = probs if total is None else total + probs
     return (total / (len(models) * len(views))).cpu()
 
@@ -180,11 +204,11 @@ def parse_args(argv):
 
 def planned_outputs(args):
     """[(flag, path)] of every file this command will write."""
-    outputs = [("--output", args.output)] if args.output is not None else []
+    outputs = [("--output", args.output, PREDICTIONS)] if args.output is not None else []
     if args.probs is not None:
-        outputs.append(("--probs", args.probs))
+        outputs.append(("--probs", args.probs, PREDICTIONS))
     if args.report is not None:
-        outputs += [("--report", path) for path in report_files(args.report)]
+        outputs += [("--report", path, kind) for path, kind in report_files(args.report)]
     return outputs
 
 
@@ -194,13 +218,12 @@ def run(args, log=print):
     args.input = find_data(args.input, names=(name,))  # data/, the Kaggle CLI's zip, or a notebook's input
     inputs = [*args.checkpoint, *source_files(args.input, name)]
     check_outputs(planned_outputs(args), inputs)
-    for flag, path in (("--output", args.output), ("--probs", args.probs)):
-        check_replaces_only(flag, path, ".csv", starts=b"ImageId,")  # an earlier run's file may be replaced
+    check_each_once(args.checkpoint)
     device = choose_device(args.device)
     states = [load_checkpoint(path) for path in args.checkpoint]
     models = [ready_to_predict(state, path, device) for state, path in zip(states, args.checkpoint)]
     if args.tta is None:
-        args.tta = trained_with_tta(states)
+        args.tta = trained_with_tta(states, log)
     with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:
         if args.report is not None:
             probs, _ = report_file(models, args.input, args.report, device, tta=args.tta,

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from DigitRecognizerModel import CheckpointError, build_model, own_defaults
+from DigitRecognizerModel import CHECKPOINT, CheckpointError, build_model, own_defaults
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, escape_unprintable_output, fail,
                  flatten_settings, launched_world_size, path_argument, ranged, replace_settings, setting_fields,
                  settings_from_flags, sigterm_as_interrupt)
@@ -39,14 +39,14 @@ from dataloader import (DataError, DigitDataset, check_training_set, find_data, 
                         stratified_split)
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
-from files import HOLDER_FILE, OutputError, check_outputs, check_replaces_only, folder_lock
-from inference import load_models, predict_probs, write_submission
+from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, folder_lock
+from inference import PREDICTIONS, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
 from report import report_files, write_report
-from trainer import (TrainingDiverged, close_distributed, init_distributed, rank_and_world_size, train,
+from trainer import (HISTORY, TrainingDiverged, close_distributed, init_distributed, rank_and_world_size, train,
                      wait_for_rank_0)
 
-CHECKPOINT_FILES = ("best.pt", "last.pt", "history.csv")
+CHECKPOINT_FILES = {"best.pt": CHECKPOINT, "last.pt": CHECKPOINT, "history.csv": HISTORY}  # in each member's folder
 DRY_RUN_ROWS = 1000  # train.csv rows (at least) and test.csv rows a dry run trains and predicts on
 
 
@@ -140,11 +140,12 @@ def round_folders(options, recipe):
 
 def planned_outputs(options, recipe):
     """[(flag, path)] of every file the run will write, for the checks before it starts."""
-    outputs = [("--submission", options.submission), ("--checkpoint-dir", os.path.join(options.checkpoint_dir,
-                                                                                         HOLDER_FILE))]
-    outputs += [("--report", path) for path in report_files(options.report)] if options.report else []
-    outputs += [("--checkpoint-dir", os.path.join(folder, name)) for checkpoint_dir in round_folders(options, recipe)
-                for folder in member_folders(recipe, checkpoint_dir) for name in CHECKPOINT_FILES]
+    outputs = [("--submission", options.submission, PREDICTIONS),
+               ("--checkpoint-dir", os.path.join(options.checkpoint_dir, HOLDER_FILE), HOLDER)]
+    outputs += [("--report", path, kind) for path, kind in report_files(options.report)] if options.report else []
+    outputs += [("--checkpoint-dir", os.path.join(folder, name), kind)
+                for checkpoint_dir in round_folders(options, recipe)
+                for folder in member_folders(recipe, checkpoint_dir) for name, kind in CHECKPOINT_FILES.items()]
     return outputs
 
 
@@ -153,7 +154,6 @@ def check_run_outputs(options, recipe):
     options.data = find_data(options.data)  # data/, the Kaggle CLI's zip, or a notebook's input folder
     inputs = source_files(options.data, "train.csv") + source_files(options.data, "test.csv")
     check_outputs(planned_outputs(options, recipe), inputs)
-    check_replaces_only("--submission", options.submission, ".csv", starts=b"ImageId,")
     check_no_stale_members(options, recipe)
 
 
@@ -327,7 +327,7 @@ def train_and_submit(options, recipe, device, log=print):
         as_argument = lambda path: shlex.quote("./" + path if path.startswith("-") else path)  # noqa: E731
         log(f"the same file from the checkpoints alone: python {as_argument(script)} --checkpoint "
             f"{' '.join(map(as_argument, checkpoints))} --input {as_argument(options.data)} "
-            f"--output {as_argument(options.submission)}")
+            f"--output {as_argument(options.submission)}{'' if options.device == 'auto' else ' --device ' + options.device}")
     val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item() if len(val_set) else float("nan")
     return {"histories": histories, "val_accuracy": val_accuracy, "submission": options.submission,
             "checkpoints": checkpoints, "seconds": seconds,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dataloader import AugmentConfig, DigitDataset, augment
-from files import atomic_write_bytes, atomic_write_text
+from files import Kind, atomic_write_bytes, atomic_write_text
 
 PER_CLASS_COLUMNS = ["digit", "images", "correct", "accuracy", "most_confused_with", "confused_count"]
 MISTAKE_COLUMNS = ["line", "index", "label", "predicted", "predicted_probability", "label_probability",
@@ -34,14 +34,25 @@ AUGMENTED_VIEWS = 4  # augmented versions drawn under each original
 DPI = 100
 
 
-REPORT_FILES = ["index.html", "per_class_accuracy.csv", "per_class_accuracy.png", "mistakes.csv", "mistakes.png",
-                "confusion_matrix.png", "learning_curves.png", "augmentation.png", "test_predictions.png",
-                "least_confident_test.csv", "least_confident_test.png"]
+TITLE = "Digit Recognizer report"
+_PAGE = Kind("a report page", b"<!DOCTYPE html>", (f"<title>{TITLE}".encode(),))
+_FIGURE = Kind("a report figure", b"\x89PNG\r\n\x1a\n", (b"Matplotlib",))  # matplotlib names itself in the PNG
+
+
+def _table(columns):
+    return Kind("a report table", ",".join(columns).encode())
+
+
+REPORT_FILES = {"index.html": _PAGE, "per_class_accuracy.csv": _table(PER_CLASS_COLUMNS),
+                "per_class_accuracy.png": _FIGURE, "mistakes.csv": _table(MISTAKE_COLUMNS), "mistakes.png": _FIGURE,
+                "confusion_matrix.png": _FIGURE, "learning_curves.png": _FIGURE, "augmentation.png": _FIGURE,
+                "test_predictions.png": _FIGURE, "least_confident_test.csv": _table(UNSURE_COLUMNS),
+                "least_confident_test.png": _FIGURE}
 
 
 def report_files(report_dir):
-    """Every file a report may write into `report_dir` (checked before a run starts)."""
-    return [os.path.join(report_dir, name) for name in REPORT_FILES]
+    """[(path, Kind)] of every file a report may write into `report_dir` (checked before a run starts)."""
+    return [(os.path.join(report_dir, name), kind) for name, kind in REPORT_FILES.items()]
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -226,15 +237,18 @@ def plot_per_class_accuracy(rows, path, name="validation"):
     figure = _new_figure(8, 4.2)
     ax = figure.subplots()
     digits = [r["digit"] for r in rows]
-    accuracies = [r["accuracy"] if r["images"] else 0.0 for r in rows]
-    errors = [r["images"] - r["correct"] for r in rows]
+    shown = [r for r in rows if r["images"]]  # a digit with no images has no accuracy: no bar, not a 0
+    accuracies = [r["correct"] / r["images"] for r in shown]
     images, correct = sum(r["images"] for r in rows), sum(r["correct"] for r in rows)
     overall = correct / max(images, 1)
-    bars = ax.bar(digits, accuracies, color=["C3" if a < overall else "C0" for a in accuracies])
-    ax.bar_label(bars, [f"{a:.3f}\n{e} wrong" for a, e in zip(accuracies, errors)], fontsize=8)
+    bars = ax.bar([r["digit"] for r in shown], accuracies, color=["C3" if a < overall else "C0" for a in accuracies])
+    ax.bar_label(bars, [f"{a:.3f}\n{r['images'] - r['correct']} wrong" for a, r in zip(accuracies, shown)], fontsize=8)
     ax.axhline(overall, color="0.3", ls="--", lw=1)
     low = min(accuracies + [overall])
     ax.set_ylim(max(0.0, low - (1 - low) * 0.6 - 0.002), 1.0 + (1 - low) * 0.35 + 0.001)  # room for the labels
+    for r in rows:
+        if not r["images"]:
+            ax.text(r["digit"], ax.get_ylim()[0], "no\nimages", ha="center", va="bottom", fontsize=8, color="0.4")
     ax.set_yticks([tick for tick in ax.get_yticks() if tick <= 1])
     ax.set_xticks(digits)
     ax.set_xlabel("true digit")
@@ -522,7 +536,7 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
                                line_numbers is not None)
     summary = {f"{name} accuracy": 1 - len(mistakes) / max(len(labels), 1), f"{name} images": len(labels),
                "mistakes": len(mistakes), **(summary or {})}
-    page = render_index_html(f"Digit Recognizer report: {name}", summary, recipe or {}, sections, list(paths))
+    page = render_index_html(f"{TITLE}: {name}", summary, recipe or {}, sections, list(paths))
     paths["index.html"] = target("index.html")
     atomic_write_text(paths["index.html"], page)
     log(f"report: wrote {len(paths)} files to {report_dir} (open {paths['index.html']})")

@@ -28,10 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 from DigitRecognizerModel import CheckpointError, load_checkpoint, save_checkpoint
 from cli import flag_name, flatten_settings, launched_world_size, setting, setting_fields
 from dataloader import AugmentConfig, DigitDataset, augment
-from files import atomic_write_text
+from files import Kind, atomic_write_text
 from inference import autocast, eval_batch_size, predict_logits
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+HISTORY = Kind("a history.csv", b"epoch,train_loss,")
 
 
 class TrainingDiverged(Exception):

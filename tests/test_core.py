@@ -110,8 +110,9 @@ def test_checkpoint_holds_only_plain_types(tmp_path):
 
 
 def test_dry_run_writes_nothing_and_leaves_a_real_run_alone(kaggle_dir, tmp_path, capsys):
-    real_run = {"ck/best.pt": b"real best", "ck/last.pt": b"real last", "ck/history.csv": b"epoch\n1\n",
-                "final_submission.csv": b"ImageId,Label\n1,7\n", "reports/confusion_matrix.png": b"png"}
+    real_run = {"ck/best.pt": b"PK\x03\x04 model_config, best", "ck/last.pt": b"PK\x03\x04 model_config, last",
+                "ck/history.csv": b"epoch,train_loss,\n1\n", "final_submission.csv": b"ImageId,Label\n1,7\n",
+                "reports/confusion_matrix.png": b"\x89PNG\r\n\x1a\n Matplotlib"}  # as a real run's begin
     for name, content in real_run.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(content)

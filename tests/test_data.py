@@ -6,8 +6,11 @@ one, and the fix; the command-line wiring (exit 2, nothing written) is in test_r
 
 import gzip
 import os
+import re
 import resource
 import shutil
+import subprocess
+import sys
 import warnings
 import zipfile
 
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import edit_cell, edit_line, good_lines, make_digits, needs_real_data, real_csv_head, write_csv
+from conftest import ROOT, edit_cell, edit_line, good_lines, make_digits, needs_real_data, real_csv_head, write_csv
 from dataloader import (MAX_LINE_BYTES, DataError, check_training_set, find_data, iter_digit_csv,
                         load_test, load_train, stratified_split)
 
@@ -145,6 +148,10 @@ BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must sa
     "binary, not CSV": (lambda lines: np.random.default_rng(0).bytes(4096), "not a readable CSV"),
     "UTF-16": (lambda lines: ("\n".join(lines) + "\n").encode("utf-16"), "is UTF-16 text"),
     "no header line": (lambda lines: "\n".join(lines[1:]) + "\n", "no header line (the first line is "),
+    "a submission": (lambda lines: "ImageId,Label\n1,7\n", "is predictions (ImageId, Label, ...), not Kaggle's"),
+    "a column twice, once with a space": (  # pandas renames exact repeats only: both reach the checks
+        lambda lines: "\n".join([lines[0] + ", pixel5"] + [t + ",0" for t in lines[1:]]) + "\n",
+        "column 'pixel5' appears twice in the header; keep one of them"),
 }
 BAD_TRAIN_CONTENT = {
     "no label column": (lambda lines: "\n".join(t.split(",", 1)[1] for t in lines) + "\n", "no 'label' column"),
@@ -268,6 +275,54 @@ def test_unreadable_zip_is_one_line_naming_it_and_the_fix(tmp_path, case):
     with pytest.raises(DataError) as error:
         load_train(str(path))
     assert str(error.value).startswith(str(path)) and expected in str(error.value)
+
+
+def test_a_zip_made_on_windows_with_backslash_folders_is_read(tmp_path):
+    path = tmp_path / "windows.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("digit-recognizer\\train.csv", "\n".join(good_lines(True)) + "\n")
+    reference = write(tmp_path / "train.csv", "\n".join(good_lines(True)) + "\n")
+    assert torch.equal(load_train(str(path))[0], load_train(str(reference))[0])
+
+
+def test_numpy_savetxt_output_with_its_long_float_cells_is_read(tmp_path):
+    """np.savetxt's default "%.18e" writes 25 bytes a cell: a legitimate whole-number file."""
+    reference = write(tmp_path / "train.csv", "\n".join(good_lines(True)) + "\n")
+    values = np.loadtxt(reference, delimiter=",", skiprows=1)
+    np.savetxt(tmp_path / "saved.csv", values, delimiter=",", header=good_lines(True)[0], comments="")
+    assert torch.equal(load_train(str(tmp_path / "saved.csv"))[0], load_train(str(reference))[0])
+
+
+def test_a_zip_name_on_a_device_is_refused_without_reading_it(tmp_path):
+    (tmp_path / "zero.zip").symlink_to("/dev/zero")  # zipfile would read it to its endless end
+    with pytest.raises(DataError, match="zero.zip: is not a regular file"):
+        load_test(str(tmp_path / "zero.zip"))
+
+
+def test_a_folder_whose_train_csv_is_a_broken_link_says_so(tmp_path):
+    (tmp_path / "train.csv").symlink_to(tmp_path / "moved.csv")
+    with pytest.raises(DataError, match="train.csv: cannot be read \\(a broken link"):
+        load_train(str(tmp_path))
+
+
+@pytest.mark.parametrize("content, expected", [(b"not gzip at all", "damaged compressed data (Not a gzipped file"),
+                                               (None, "permission denied; check its permissions")])
+def test_a_damaged_gz_or_an_unreadable_zip_says_which(tmp_path, content, expected):
+    if content is None:  # an unreadable zip; root reads anything, so drop its override first
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to drop root's file-permission override")
+        path = tmp_path / "digit-recognizer.zip"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("test.csv", "\n".join(good_lines(False)) + "\n")
+        path.chmod(0)
+        code = f"from dataloader import load_test, DataError\ntry: load_test({str(path)!r})\nexcept DataError as e: print(e)"
+        result = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search",
+                                 sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        assert result.stderr == "" and result.stdout.startswith(f"{path}: {expected}")
+        return
+    path = write(tmp_path / "test.csv.gz", content)
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_test(str(path))
 
 
 def test_a_zip_with_two_train_csvs_is_refused_naming_both(tmp_path):

@@ -70,18 +70,23 @@ def test_ensemble_exports_as_one_graph_averaging_the_members(tmp_path):
     np.testing.assert_allclose(got, (members[0] + members[1]) / 2, atol=1e-5)  # the mean of the softmax
     assert np.abs(members[0] - members[1]).max() > 0.1  # so the mean differs from either member
     np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    assert export.main(["--checkpoint", paths[0], "--output", output, "--check", "0"]) == 0  # replaces its own file
+    assert len(export.session(output).get_inputs()) == 1
 
 
-def test_parity_failure_writes_nothing_and_exits_1(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("drift", [1e-3, float("nan")], ids=["drifting runtime", "NaN"])
+def test_parity_failure_writes_nothing_and_exits_1(tmp_path, capsys, monkeypatch, drift):
     pytest.importorskip("onnxruntime")
     checkpoint, output = _checkpoint(tmp_path / "best.pt", seed=0, widths=(4, 8, 8)), tmp_path / "model.onnx"
-    output.write_bytes(b"the user's earlier export")
+    assert export.main(["--checkpoint", _checkpoint(tmp_path / "old.pt", seed=1, widths=(4, 8, 8)),
+                        "--output", str(output), "--check", "0"]) == 0
+    earlier = output.read_bytes()
     real = export.onnx_probabilities
-    monkeypatch.setattr(export, "onnx_probabilities", lambda *a, **k: real(*a, **k) + 1e-3)  # a drifting runtime
+    monkeypatch.setattr(export, "onnx_probabilities", lambda *a, **k: real(*a, **k) + drift)
     assert export.main(["--checkpoint", checkpoint, "--output", str(output), "--check", "100"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: onnxruntime disagrees with torch beyond --tolerance 0.0001") and err.count("\n") == 1
-    assert output.read_bytes() == b"the user's earlier export"
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: onnxruntime disagrees with torch beyond --tolerance 0.0001")
+    assert output.read_bytes() == earlier
 
 
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
@@ -102,8 +107,10 @@ def test_refuses_an_output_that_is_an_input_a_folder_or_not_onnx(tmp_path, capsy
     notes = tmp_path / "notes.txt"
     notes.write_text("the user's notes")
     before = open(checkpoint, "rb").read()
+    (tmp_path / "latest.onnx").symlink_to(notes)
     for output, says in ((checkpoint, "is an input of this run"), (str(tmp_path / "exports.onnx"), "is a folder"),
-                         (str(notes), "an ONNX file's name ends in .onnx")):
+                         (str(notes), "an ONNX file's name ends in .onnx"),
+                         (str(tmp_path / "latest.onnx"), "would replace a file that is not an ONNX graph this suite")):
         try:
             code = export.main(["--checkpoint", checkpoint, "--output", output])
         except SystemExit as e:  # a bad command line: argparse exits

@@ -75,6 +75,16 @@ def test_tta_and_ensemble_average_the_softmax_of_every_model_and_view():
     assert not torch.allclose(expected, plain, atol=1e-2)
 
 
+def test_tta_follows_the_recipes_only_when_every_one_says_true_and_a_split_is_noted():
+    notes = []
+    recipes = lambda *settings: [{"identity": {"tta": tta}} for tta in settings]  # noqa: E731
+    assert inference.trained_with_tta(recipes(True, True), notes.append) and notes == []
+    assert not inference.trained_with_tta(recipes("no"), notes.append) and notes == []  # not a bool: not True
+    assert not inference.trained_with_tta(recipes(True, False, True), notes.append)
+    assert notes == ["note: 2 of these 3 checkpoints were submitted with TTA, the others without; predicting "
+                     "without it (pass --tta to use it)"]
+
+
 def test_full_train_uses_every_row_and_says_so(kaggle_dir, tmp_path, capsys):
     ck = tmp_path / "ck"
     assert main.main(["--data", str(kaggle_dir), "--epochs", "1", "--full-train", "--checkpoint-dir", str(ck),

@@ -8,6 +8,7 @@ import functools
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -230,7 +231,7 @@ def test_history_write_that_fails_before_the_rename_keeps_the_old_file(tmp_path,
 
 def test_probs_and_submission_untouched_when_input_fails_midway(capsys, tmp_path, out, monkeypatch):
     """--probs streams rows into its temp file; a bad row after some chunks discards it."""
-    (out / "probs.csv").write_text("old probabilities\n")
+    (out / "probs.csv").write_text("ImageId,p0,p1\n1,0.5,0.5\n")  # an earlier run's, which it may replace
     test_csv = tmp_path / "test.csv"
     test_csv.write_text(edit_cell("x", line=11)(good_lines(False)))  # in the third chunk of 4 rows
     monkeypatch.setattr(inference, "iter_digit_csv", functools.partial(inference.iter_digit_csv, chunk_rows=4))
@@ -286,6 +287,14 @@ def write_with_config(**config):
     return write
 
 
+def write_with_state(change):
+    def write(path, marker, good):
+        state = torch.load(good, weights_only=True)
+        change(state)
+        torch.save(state, path)
+    return write
+
+
 def write_with_nan_weight(path, marker, good):
     state = torch.load(good, weights_only=True)
     state["model"]["classifier.2.weight"][3, 5] = float("nan")
@@ -317,8 +326,17 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
                                                                  "identity": "x"}, path),
                           "not a checkpoint written by this suite (its recipe is not a dict)"),
     "widths 100000 with small tensors": (write_with_config(arch="cnn", widths=(100000, 100000, 100000)),
-                                         "cannot be used: widths (100000, 100000, 100000) are outside 1-1024"),
+                                         "cannot be used: widths (100000, 100000, 100000) are not whole numbers 1-1024"),
     "a pipe": (lambda path, marker, good: os.mkfifo(path), "is a device, pipe or socket, not a checkpoint file"),
+    "NaN dropout": (write_with_config(dropout=float("nan")), "cannot be used: dropout nan is not a probability 0 to 1"),
+    "classes as text": (write_with_config(num_classes="10"), "cannot be used: it predicts '10' classes, not the 10"),
+    "a width that is True": (write_with_config(widths=(True, 32, 128)), "widths (True, 32, 128) are not whole numbers"),
+    "a number among the weights": (write_with_state(lambda state: state["model"].update(extra=3)),
+                                   "cannot be used: 'extra' in its weights is not a tensor (int)"),
+    "negative running variance": (write_with_state(lambda state: state["model"]["features.1.running_var"].neg_()),
+                                  "cannot be used: its BatchNorm running variances hold negative values"),
+    "finite weights that overflow": (write_with_state(lambda state: state["model"]["classifier.2.weight"].fill_(3e38)),
+                                     "gives NaN or Inf probabilities (damaged weights?)"),
     "widths 1024 with small tensors": (write_with_config(arch="cnn", widths=(1024, 1024, 1024)),
                                        "cannot be used: features.0.weight is (16, 1, 3, 3), the config needs (1024,"),
 }
@@ -482,10 +500,10 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
         main, "--submission", lambda t, o, d: o / "ckpt" / HOLDER_FILE, "{}: is also the --submission output"),
     "inference --output would replace a checkpoint": (
         inference, "--output", lambda t, o, d: shutil.copy(o / "ckpt" / "best.pt", t / "copy.pt"),
-        "--output {}: would replace a file that is not a .csv"),
+        "--output {}: would replace a file that is not a submission or probabilities CSV this suite wrote"),
     "main --submission would replace a script": (
         main, "--submission", lambda t, o, d: shutil.copy(os.path.join(ROOT, "recipe.py"), t / "recipe.py"),
-        "--submission {}: would replace a file that is not a .csv"),
+        "--submission {}: would replace a file that is not a submission or probabilities CSV this suite wrote"),
     "inference --output ends in a slash": (
         inference, "--output", lambda t, o, d: f"{shutil.copy(o / 'ckpt' / 'best.pt', t / 'other.pt')}/",
         "--output {}: ends in a folder, not a file name"),
@@ -493,7 +511,7 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
                                      "--submission {}: ends in a folder, not a file name"),
     "inference --output is a .csv link to another kind of file": (
         inference, "--output", lambda t, o, d: symlink(t / "link.csv", users_file(t / "notes.txt")),
-        "--output {}: would replace a file that is not a .csv"),
+        "--output {}: would replace a file that is not a submission or probabilities CSV this suite wrote"),
     "inference --output is empty": (inference, "--output", lambda t, o, d: "", "--output is empty"),
     "main --submission is longer than a file name may be": (
         main, "--submission", lambda t, o, d: t / ("a" * 300 + ".csv"), "bytes, longer than the 255 this file system"),
@@ -619,7 +637,7 @@ def test_ctrl_c_or_sigterm_during_inference_is_one_line_and_leaves_no_partial_fi
         probs_file.write("ImageId,p0\n1,0.5\n")  # part of the probabilities: never to be seen
         os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a notebook's stop button sends it
     monkeypatch.setattr(inference, "predict_file", stopped_midway)
-    (out / "p.csv").write_text("old probabilities\n")
+    (out / "p.csv").write_text("ImageId,p0\n1,0.9\n")  # an earlier run's probabilities
     before = snapshot(out)
     code, _, err = cli(capsys, inference, *inference_argv(write_data(tmp_path / "data") / "test.csv", out),
                        "--probs", out / "p.csv")
@@ -647,16 +665,83 @@ def test_bench_output_will_not_replace_another_kind_of_file(capsys, tmp_path):
     import bench
     keep = users_file(tmp_path / "keep.pt")
     code, _, err = cli(capsys, bench, "--data", write_data(tmp_path / "data"), "--output", keep)
-    assert_user_error(code, err, f"--output {keep}: would replace a file that is not a .json")
+    assert_user_error(code, err, f"--output {keep}: would replace a file that is not a bench.py result this suite wrote")
     assert keep.read_text() == "the user's own\n"
 
 
-def test_a_submission_not_named_csv_can_be_written_again_by_the_next_run(capsys, tmp_path, out):
-    argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
+def test_the_next_run_replaces_what_the_first_wrote_even_a_submission_not_named_csv(capsys, tmp_path, out):
+    argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", tmp_path / "rep"]
     argv[argv.index("--submission") + 1] = tmp_path / "submission.txt"
-    for _ in range(2):  # the second run replaces the first one's file, which it recognises
+    (tmp_path / "submission.txt").touch()  # an empty file holds nothing to lose
+    for _ in range(2):  # the second run replaces the first one's files, which it recognises
         code, _, err = cli(capsys, main, *argv)
         assert (code, err) == (0, [])
+    assert (tmp_path / "rep" / "confusion_matrix.png").exists() and (tmp_path / "rep" / "index.html").exists()
+
+
+def users_torch_file(path):
+    """Another project's checkpoint: a torch zip that this suite did not write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, path)
+    return path
+
+
+USERS_FILES_IN_THE_WAY = {  # case: (command, its argv for (tmp_path, out, data), the user's file made there)
+    "inference --output is the user's train.csv beside the test.csv": (
+        inference, lambda t, o, d: inference_argv(d / "test.csv", o)[:4] + ["--output", d / "train.csv"],
+        lambda t, o, d: d / "train.csv"),
+    "inference --probs is the run's history.csv": (
+        inference, lambda t, o, d: inference_argv(d / "test.csv", o) + ["--probs", t / "history.csv"],
+        lambda t, o, d: shutil.copy(users_file(t / "h.txt"), t / "history.csv") and t / "history.csv"),
+    "main --report into a folder with the user's index.html": (
+        main, lambda t, o, d: main_argv(d, o) + ["--report", t / "site"],
+        lambda t, o, d: (t / "site").mkdir() or users_file(t / "site" / "index.html")),
+    "inference --report into a folder with the user's mistakes.csv": (
+        inference, lambda t, o, d: inference_argv(d / "train.csv", o)[:4] + ["--report", t / "site"],
+        lambda t, o, d: (t / "site").mkdir() or users_file(t / "site" / "mistakes.csv")),
+    "main --checkpoint-dir holding another project's best.pt": (
+        main, lambda t, o, d: main_argv(d, o)[:2] + ["--checkpoint-dir", t / "ck", "--report", ""],
+        lambda t, o, d: users_torch_file(t / "ck" / "best.pt")),
+    "main --checkpoint-dir holding another project's member2/last.pt": (
+        main, lambda t, o, d: main_argv(d, o)[:2] + ["--checkpoint-dir", t / "ck", "--ensemble", 2, "--report", ""],
+        lambda t, o, d: users_torch_file(t / "ck" / "member2" / "last.pt")),
+}
+
+
+@pytest.mark.parametrize("case", USERS_FILES_IN_THE_WAY)
+def test_an_output_replaces_only_a_file_this_suite_wrote(capsys, tmp_path, out, case):
+    """An earlier run's files are recognised by their first bytes; a user's file of the same
+    name is refused before anything runs, and stays as it was."""
+    module, argv, users = USERS_FILES_IN_THE_WAY[case]
+    data = write_data(tmp_path / "data")
+    path = users(tmp_path, out, data)
+    before = snapshot(tmp_path)
+    code, stdout, err = cli(capsys, module, *argv(tmp_path, out, data))
+    assert_user_error(code, err, f"{path}: would replace a file that is not a", "this suite wrote")
+    assert "data:" not in stdout and snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", [inference, export], ids=["inference", "export"])
+def test_one_checkpoint_given_twice_is_refused_as_it_would_count_double(capsys, tmp_path, out, monkeypatch, command):
+    monkeypatch.chdir(out)
+    argv = ["--checkpoint", "ckpt/best.pt", "./ckpt//best.pt", "--output", tmp_path / "x.onnx"]
+    if command is inference:
+        argv = [*argv[:3], "--input", write_data(tmp_path / "data") / "test.csv", "--output", tmp_path / "x.csv"]
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, command, *argv)
+    assert_user_error(code, err, "--checkpoint ./ckpt//best.pt: is ckpt/best.pt again; each checkpoint counts once")
+    assert snapshot(tmp_path) == before
+
+
+def test_the_logged_rebuild_command_keeps_the_chosen_device(capsys, tmp_path, out):
+    """A GPU machine's `inference.py` would otherwise pick cuda for a run trained with --device cpu."""
+    argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
+    code, stdout, err = cli(capsys, main, *argv)
+    command = shlex.split(stdout.split("the same file from the checkpoints alone: ")[1].splitlines()[0])
+    assert (code, err, command[-2:]) == (0, [], ["--device", "cpu"])
+    command[command.index("--output") + 1] = str(tmp_path / "rebuilt.csv")
+    assert inference.main(command[2:]) == 0
+    assert (tmp_path / "rebuilt.csv").read_bytes() == (out / "final_submission.csv").read_bytes()
 
 
 def test_a_checkpoint_dir_through_a_missing_folder_and_dotdot_makes_no_stray_folder(capsys, tmp_path, out,
@@ -687,7 +772,7 @@ def test_probs_path_that_is_the_report_folder_is_refused_before_scoring(capsys, 
 def test_an_output_that_is_a_symlink_writes_its_target_and_keeps_the_link(capsys, tmp_path, out):
     target = tmp_path / "kept" / "submission.csv"
     target.parent.mkdir()
-    target.write_text("an older submission\n")
+    target.write_text("ImageId,Label\n1,7\n")  # an older submission
     link = symlink(tmp_path / "link.csv", target)
     argv = inference_argv(write_data(tmp_path / "data") / "test.csv", out)
     argv[argv.index("--output") + 1] = link
