@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from cli import UserError, setting
+from cli import UserError, first_sentence, setting
 from files import Kind, atomic_open
 
 # Mean and std of MNIST pixels scaled to [0, 1]; the model normalises its own input so
@@ -193,23 +193,13 @@ def save_checkpoint(path, model, **extra):
         with atomic_open(path, "wb") as f:
             torch.save(state, f)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: could not be written ({_first_line(e)}); is the disk full? "
+        raise CheckpointError(f"{path}: could not be written ({first_sentence(e)}); is the disk full? "
                               f"The previous file, if any, is unchanged") from None
 
 
 # torch's weights_only refusal is a paragraph; this finds its sentence naming the refused
 # global or pickle opcode, e.g. "Unsupported global: GLOBAL posix.system ...".
 _REFUSAL_REASON = re.compile(r"((?:Unsupported|Trying to load unsupported)\b.*?)(?:\.\s|\.?$)", re.MULTILINE)
-
-
-def _first_line(error, skip=()):
-    """The first sentence of an exception's message that says something, for one-line errors."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(skip)] or lines
-    if not lines:
-        return type(error).__name__
-    sentence = lines[0].split(". ")[0]
-    return sentence if len(sentence) <= 200 else sentence[:200] + "..."
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -232,7 +222,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             f"({reason}); only use checkpoints written by this suite"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {first_sentence(e)}") from None
     except (IndexError, KeyError, TypeError, AttributeError):  # the unpickler fed other bytes (a CSV, a text file)
         raise CheckpointError(f"{path}: not a checkpoint (its bytes are not a saved PyTorch file); pass a best.pt "
                               f"or last.pt written by this suite") from None
@@ -271,7 +261,7 @@ def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:
     except CheckpointError as e:  # an unknown architecture: name the file too
         raise CheckpointError(f"{path}: {e}") from None
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
-        reason = _first_line(e, skip="Error(s) in loading")  # then the first mismatch
+        reason = first_sentence(e, skip="Error(s) in loading")  # then the first mismatch
         raise CheckpointError(f"{path}: cannot be used: {reason}; use a checkpoint written by this suite") from None
     return model
 

@@ -95,12 +95,17 @@ def launched_world_size() -> int:
     if world_size > 1 and not {"RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
         raise UserError(f"WORLD_SIZE={text} is set but not RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; start "
                         f"the processes with torchrun, or unset WORLD_SIZE for one process")
-    if world_size > 1:  # set by hand, a bad one would hang in the process group's setup
-        for name, limit in (("RANK", world_size), ("LOCAL_RANK", world_size), ("MASTER_PORT", 65536)):
-            value = os.environ[name]
-            if not (value.isascii() and value.isdecimal()) or int(value) >= limit:
-                raise UserError(f"{name}={value!r} in the environment is not a number below {limit}; start the "
-                                f"processes with torchrun, or unset WORLD_SIZE for one process")
+    if world_size > 1:  # set by hand, a bad one would crash or hang in the process group's setup
+        ranges = {"RANK": (0, world_size - 1), "LOCAL_RANK": (0, world_size - 1), "MASTER_PORT": (0, 65535),
+                  "LOCAL_WORLD_SIZE": (1, world_size)}  # the last, processes on this node, is optional
+        for name, (low, high) in ranges.items():
+            value = os.environ.get(name, str(low))
+            if not (value.isascii() and value.isdecimal()) or not low <= int(value) <= high:
+                raise UserError(f"{name}={value!r} in the environment is not a number from {low} to {high}; start "
+                                f"the processes with torchrun, or unset WORLD_SIZE for one process")
+        if not os.environ["MASTER_ADDR"].strip():
+            raise UserError("MASTER_ADDR is empty in the environment; start the processes with torchrun, or unset "
+                            "WORLD_SIZE for one process")
     return world_size
 
 
@@ -187,6 +192,16 @@ def escape_unprintable_output():
     on stderr, instead of raising where the terminal's stdout is strict (en_US.UTF-8)."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+
+
+def first_sentence(error, skip=()):
+    """The first sentence of an exception's message that says something, for one-line errors."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(skip)] or lines
+    if not lines:
+        return type(error).__name__
+    sentence = lines[0].split(". ")[0]
+    return sentence if len(sentence) <= 200 else sentence[:200] + "..."
 
 
 def run_command(run, args, failures=()) -> int:

@@ -259,7 +259,7 @@ def folder_lock(folder, flag="--checkpoint-dir"):
     run ends.
     """
     descriptors = []
-    absolute = os.path.abspath(folder)  # 'x/../ck' must not make x
+    absolute = os.path.realpath(folder)  # 'x/../ck' must not make x; a link to a folder still to be made makes it
     made = _missing_folders(absolute)  # removed again if the lock is refused
     try:
         try:

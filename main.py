@@ -33,7 +33,7 @@ import torch
 
 from DigitRecognizerModel import CHECKPOINT, CheckpointError, build_model, own_defaults
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, escape_unprintable_output, fail,
-                 flatten_settings, launched_world_size, path_argument, ranged, replace_settings, setting_fields,
+                 flatten_settings, launched_world_size, path_argument, ranged, replace_settings,
                  settings_from_flags, sigterm_as_interrupt)
 from dataloader import (DataError, DigitDataset, check_training_set, find_data, load_test, load_train, source_files,
                         stratified_split)
@@ -125,6 +125,9 @@ def parse_args(argv, parser_class=ArgumentParser):
                      f"none: {fix}, or drop --mix-epochs")
     if member_count(recipe) == 1 and recipe.ensemble.mix != "none":  # a preset's --mix, e.g. best --folds 0
         recipe = replace_settings(recipe, {"mix": "none", "mix_epochs": 0})  # the checkpoints say what trained
+    if options.elastic_sigma is not None and not recipe.augment.elastic_alpha:
+        parser.error(f"--elastic-sigma {options.elastic_sigma:g} shapes the elastic distortion, which is off: add "
+                     f"--elastic PIXELS, or drop --elastic-sigma")
     if options.dry_run and options.resume:
         parser.error("--dry-run writes into a temporary folder, so there is nothing to --resume there; drop one")
     if options.dry_run:  # one epoch of one batch per member
@@ -152,6 +155,8 @@ def planned_outputs(options, recipe):
 def check_run_outputs(options, recipe):
     """Find the data, then OutputError for any output the run must not write (see files.py)."""
     options.data = find_data(options.data)  # data/, the Kaggle CLI's zip, or a notebook's input folder
+    if os.path.exists(options.checkpoint_dir) and not os.path.isdir(options.checkpoint_dir):
+        raise OutputError(f"--checkpoint-dir {options.checkpoint_dir}: is a file, not a folder; pass a folder path")
     inputs = source_files(options.data, "train.csv") + source_files(options.data, "test.csv")
     check_outputs(planned_outputs(options, recipe), inputs)
     check_no_stale_members(options, recipe)
@@ -312,6 +317,7 @@ def train_and_submit(options, recipe, device, log=print):
     with folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext():
         if rank == 0 and not options.resume:
             remove_earlier_resume_points(options, recipe)
+        options.training_started = True  # from here on, a last.pt there is this run's (print_resume_hint)
         members, histories, val_set, val_probs, test_probs = train_rounds(options, recipe, full, test_images,
                                                                           device, log)
         if rank == 0:  # every rank ends with the same weights; one writes
@@ -371,25 +377,36 @@ def _run(options, recipe, log):
         return train_and_submit(options, recipe, device, log)
 
 
-def run(log=print, **flags):
+def run(*, log=print, **flags):
     """Train and write the submission from Python: the command line's flags as keyword
     arguments (`run(data="data/", preset="fast", epochs=3, tta=True)`).
 
     Returns the results dict of `train_and_submit`; bad input raises UserError (a
     DataError, CheckpointError or OutputError), a diverged run TrainingDiverged.
     """
+    if not callable(log):
+        raise UserError(f"run(log={log!r}): give a function that takes a line, such as print")
+    switches = {}  # on/off flag -> the flag that turns it off: --no-tta; '' for --resume, off unless given
+    for action in build_parser()._actions:
+        if action.nargs == 0 and action.dest != "help":
+            switches[action.dest] = next((s for s in action.option_strings if s.startswith("--no-")), "")
     argv = []
-    on_off_settings = {field.name for _, field in setting_fields(Recipe())}  # --tta / --no-tta
     for name, value in flags.items():
-        if value is False and name == "report":
-            value = ""  # no report, as --report ''
-        elif value is None or (value is False and name not in on_off_settings):  # as if not given (--resume: off)
-            continue
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else f"--no-{name.replace('_', '-')}")
+        if name == "report" and value is False:
+            value = ""  # no report, as --report ''
+        if value is None:
+            continue  # as if not given
+        if name in switches:
+            if not isinstance(value, bool):
+                raise UserError(f"run({name}={value!r}): give True or False")
+            argv += [flag] if value else [switches[name]] if switches[name] else []
+        elif isinstance(value, bool):
+            raise UserError(f"run({name}={value!r}): {flag} takes a value, not True or False")
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
         else:
-            argv += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
+            argv.append(f"{flag}={value}")  # one token: a value such as '-x.csv' is not read as a flag
     options, recipe = parse_args(argv, _RaisingParser)
     return _run(options, recipe, log)
 
@@ -417,7 +434,9 @@ def main(argv=None) -> int:
 def print_resume_hint(argv, options, recipe):
     flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
     command = "torchrun <same options> main.py" if "WORLD_SIZE" in os.environ else "python main.py"
-    if options.dry_run or not os.path.exists(os.path.join(member_folders(recipe, options.checkpoint_dir)[0], "last.pt")):
+    first_last_pt = os.path.join(member_folders(recipe, options.checkpoint_dir)[0], "last.pt")
+    this_runs = options.resume or getattr(options, "training_started", False)  # else an earlier run's last.pt
+    if options.dry_run or not this_runs or not os.path.exists(first_last_pt):
         print("\ninterrupted before the first checkpoint; start again with the same command", file=sys.stderr)
     else:
         print(f"\ninterrupted; resume with: {command} --resume {shlex.join(flags)}".rstrip(), file=sys.stderr)

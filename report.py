@@ -516,6 +516,11 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
     def target(file_name):
         return os.path.join(report_dir, file_name)
 
+    # index.html goes last; until then it says so, so a report cut short never shows an
+    # earlier run's page over this run's files
+    atomic_write_text(target("index.html"), render_index_html(f"{TITLE}: being written", {}, {}, [
+        ("unfinished", ["<p>This report is being written. If this page stays, its run was stopped: run it "
+                        "again.</p>"])], []))
     paths = {"per_class_accuracy.csv": write_per_class_csv(target("per_class_accuracy.csv"), rows),
              "mistakes.csv": write_csv_rows(target("mistakes.csv"), MISTAKE_COLUMNS, mistakes)}
     unsure = []

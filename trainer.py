@@ -16,6 +16,7 @@ import copy
 import hashlib
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, save_checkpoint
-from cli import flag_name, flatten_settings, launched_world_size, setting, setting_fields
+from cli import UserError, as_typed, first_sentence, flag_name, flatten_settings, launched_world_size, setting, setting_fields
 from dataloader import AugmentConfig, DigitDataset, augment
 from files import Kind, atomic_write_text
 from inference import autocast, eval_batch_size, predict_logits
@@ -74,9 +75,18 @@ def init_distributed(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
+    # Joining waits for the peers inside native code, where no Python handler (Ctrl-C's
+    # KeyboardInterrupt, SIGTERM as one) ever runs: the default actions stop it at once.
+    # Nothing is written yet.
+    handlers = {number: signal.signal(number, signal.SIG_DFL) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        dist.init_process_group("nccl", device_id=device) if device.type == "cuda" else dist.init_process_group("gloo")
+    except (RuntimeError, ValueError) as e:  # e.g. no peer joined within torch's timeout
+        raise UserError(f"could not join the torchrun processes at {os.environ['MASTER_ADDR']}:"
+                        f"{os.environ['MASTER_PORT']} ({first_sentence(e)}); start them with torchrun") from None
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
     return device
 
 
@@ -263,8 +273,9 @@ def check_resumable(state, path, identity, flags=None):
         saved = state["identity"].get(key)
         if saved != value:
             flag = (flags or {}).get(key, f"--{key.replace('_', '-')}")
-            shown = [" ".join(map(str, v)) if isinstance(v, (tuple, list)) else v for v in (saved, value)]  # as typed
-            what = ("other data" if key == "data" else f"{flag} {shown[0]}, not {shown[1]}" if key in state["identity"]
+            shown = [(flag if v else f"--no-{flag[2:]}") if isinstance(v, bool) else f"{flag} {as_typed(v)}"
+                     for v in (saved, value)]  # as typed: '--widths 16 32 128', '--no-tta'
+            what = ("other data" if key == "data" else f"{shown[0]}, not {shown[1]}" if key in state["identity"]
                     else f"it records no {flag}: written by an older version of this suite")
             raise CheckpointError(f"{path}: was trained on another recipe or data ({what}); resume with the "
                                   f"same data and flags as the interrupted run, or start without --resume")
@@ -348,6 +359,8 @@ class Trainer:
         if self.state.epoch and not os.path.exists(self.paths["best.pt"]):  # every finished epoch wrote or kept one
             raise CheckpointError(f"{self.paths['best.pt']}: missing, though {path} has {self.state.epoch} epochs "
                                   f"done; put it back, or train again without --resume")
+        if self.rank == 0 and not os.path.exists(self.paths["history.csv"]):  # last.pt holds its rows
+            write_history(self.paths["history.csv"], self.state.history)
         self.log(f"resumed from {path} after epoch {self.state.epoch}/{self.config.epochs}")
 
     def save_last(self):
@@ -399,10 +412,12 @@ class Trainer:
     def run_epoch(self, epoch, epochs_bar):
         started = time.perf_counter()
         train_loss, train_accuracy = self.train_epoch(epoch)
-        weights_finite = all(torch.isfinite(p).all() for p in self.model.parameters())
+        state = [*self.model.parameters(), *self.model.buffers(), *self.eval_model.parameters()]  # BatchNorm's too
+        weights_finite = all(torch.isfinite(t).all() for t in state if t.is_floating_point())
         if not (math.isfinite(train_loss) and weights_finite):  # the diverged epoch is never saved
             kept = f"; {self.paths['best.pt']} keeps the best weights up to epoch {epoch}" if epoch else ""
-            what = "weights became NaN or Inf" if math.isfinite(train_loss) else f"loss became {train_loss}"
+            what = (f"loss became {train_loss}" if not math.isfinite(train_loss)
+                    else "weights or BatchNorm statistics became NaN or Inf")
             raise TrainingDiverged(f"{what} in epoch {epoch + 1}; lower --lr "
                                    f"(now {self.config.lr}) and start again{kept}")
         val = validate(self.eval_model, self.val_shard, self.device, self.max_val_batches)

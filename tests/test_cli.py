@@ -109,7 +109,8 @@ def test_run_returns_the_results_and_raises_user_error(tmp_path, kaggle_input):
     assert results["recipe"].model.widths == (4, 8, 8) and results["recipe"].train.epochs == 1
     assert results["histories"][0][0]["val_accuracy"] == results["val_accuracy"]
     assert len(pd.read_csv("sub.csv")) == 30 and any(line.startswith("wrote sub.csv") for line in lines)
-    for bad in ({"lr": float("nan")}, {"no_such_flag": 1}, {"data": str(tmp_path / "nowhere")}):
+    for bad in ({"lr": float("nan")}, {"no_such_flag": 1}, {"data": str(tmp_path / "nowhere")}, {"tta": "no"},
+                {"epochs": True}, {"log": None}):
         with pytest.raises(UserError):  # not SystemExit: a notebook kernel keeps running
             main.run(**bad, report="", checkpoint_dir="ck2", submission="sub2.csv")
     assert not os.path.exists("ck2") and not os.path.exists("sub2.csv")
@@ -158,3 +159,11 @@ def test_an_architecture_registered_in_one_file_trains_and_predicts(capsys, tmp_
     images = make_digits(30, seed=2)[0]
     expected = inference.predict_probs([model], images, torch.device("cpu"), tta=True).argmax(1)
     assert pd.read_csv("again.csv")["Label"].tolist() == expected.tolist()
+
+
+def test_elastic_sigma_without_the_elastic_distortion_is_refused_not_ignored(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main.parse_args(["--elastic-sigma", "20"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "--elastic-sigma 20 shapes the elastic distortion, which is off" in err[0]
+    assert main.parse_args(["--elastic-sigma", "20", "--elastic", "2"])[1].augment.elastic_sigma == 20

@@ -285,6 +285,8 @@ def test_run_takes_false_for_every_on_off_flag(monkeypatch):
     assert (seen["recipe"].ensemble.tta, seen["recipe"].ensemble.full_train) == (False, True)
     main.run(resume=True, tta=True)
     assert seen["options"].resume and seen["recipe"].ensemble.tta
+    main.run(submission="-x.csv", checkpoint_dir="-ck")  # values that start like a flag
+    assert (seen["options"].submission, seen["options"].checkpoint_dir) == ("-x.csv", "-ck")
 
 
 def test_resuming_a_last_pt_from_an_older_version_names_the_setting_it_lacks():
@@ -294,5 +296,5 @@ def test_resuming_a_last_pt_from_an_older_version_names_the_setting_it_lacks():
     with pytest.raises(CheckpointError, match=r"ck/last.pt: was trained on another recipe or data \(it records no "
                                               r"--mix-epochs: written by an older version of this suite\)"):
         check_resumable(state, "ck/last.pt", {"epochs": 30, "seed": 0, "mix_epochs": 0}, {"mix_epochs": "--mix-epochs"})
-    with pytest.raises(CheckpointError, match=r"\(--epochs 30, not 4\)"):
+    with pytest.raises(CheckpointError, match=r"\(--epochs 30, not --epochs 4\)"):
         check_resumable(state, "ck/last.pt", {"epochs": 4, "seed": 0}, {"epochs": "--epochs"})

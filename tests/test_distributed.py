@@ -5,8 +5,11 @@ preset learn them, so both runs should reach the same accuracy.
 """
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -111,3 +114,29 @@ def test_batch_size_must_divide_over_processes(monkeypatch, capsys):
         main.parse_args(["--batch-size", "128"])
     assert exit_info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_process_waiting_for_peers_that_never_come_stops_on_a_signal(data_dir, tmp_path, stop):
+    """WORLD_SIZE set by hand with no peer: joining waits in native code, where a Python
+    handler never runs; the signal must still stop it, leaving nothing behind."""
+    with socket.socket() as probe:  # a free port for the rendezvous that nobody else joins
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "main.py", "--data", str(data_dir), "--checkpoint-dir",
+                                str(tmp_path / "ck"), "--submission", str(tmp_path / "sub.csv"), *FLAGS], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while process.poll() is None:  # until rank 0's rendezvous store listens: it is waiting for the peer
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(getattr(signal, stop))
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == -getattr(signal, stop) and os.listdir(tmp_path) == []

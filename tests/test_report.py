@@ -237,6 +237,18 @@ def test_write_report_without_history_or_augmentation(tmp_path, split):
     assert len(pd.read_csv(paths["mistakes.csv"])) == 0
 
 
+def test_a_report_cut_short_shows_no_earlier_runs_page(tmp_path, split, monkeypatch):
+    _, val_set = split
+    perfect = torch.nn.functional.one_hot(val_set.labels, 10).float()
+    report.write_report(tmp_path, val_set, perfect, log=lambda message: None)  # an earlier run's report
+    monkeypatch.setattr(report, "_draw_figures", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(tmp_path, val_set, _probabilities_with_mistakes(val_set.labels), log=lambda message: None)
+    with open(tmp_path / "index.html", encoding="utf-8") as f:
+        page = f.read()
+    assert "<title>Digit Recognizer report: being written</title>" in page and "its run was stopped" in page
+
+
 def test_report_without_matplotlib_still_writes_tables_and_page(tmp_path, split, monkeypatch):
     _, val_set = split
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError

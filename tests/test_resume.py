@@ -143,10 +143,11 @@ def other_data(folder):
 
 
 RESUME_CHANGES = {  # case: (flags, data folder for (data, tmp_path), what the line must say)
-    "--lr": (["--lr", "0.05"], lambda data, tmp: data, "(--lr 0.1, not 0.05)"),
-    "--ema": (["--ema", "0.9"], lambda data, tmp: data, "(--ema 0.0, not 0.9)"),
-    "--elastic": (["--elastic", "3"], lambda data, tmp: data, "(--elastic 0.0, not 3.0)"),
-    "--widths": (["--widths", "8", "16", "32"], lambda data, tmp: data, "(--widths 16 32 128, not 8 16 32)"),
+    "--lr": (["--lr", "0.05"], lambda data, tmp: data, "(--lr 0.1, not --lr 0.05)"),
+    "--ema": (["--ema", "0.9"], lambda data, tmp: data, "(--ema 0.0, not --ema 0.9)"),
+    "--elastic": (["--elastic", "3"], lambda data, tmp: data, "(--elastic 0.0, not --elastic 3.0)"),
+    "--widths": (["--widths", "8", "16", "32"], lambda data, tmp: data, "(--widths 16 32 128, not --widths 8 16 32)"),
+    "--no-tta": (["--no-tta"], lambda data, tmp: data, "(--tta, not --no-tta)"),
     "other data": ([], lambda data, tmp: other_data(tmp), "(other data)"),
 }
 
@@ -283,6 +284,14 @@ def test_a_last_pt_from_before_momentum_set_the_schedule_resumes_with_the_same_f
     assert_same_weights(tmp_path / "cut" / "ckpt" / "last.pt", tmp_path / "whole" / "ckpt" / "last.pt")
 
 
+def test_resuming_a_finished_run_puts_back_a_deleted_history_csv(capsys, data, tmp_path):
+    assert cli(capsys, main, *tiny_argv(data, tmp_path))[0] == 0
+    history = (tmp_path / "ckpt" / "history.csv").read_bytes()
+    (tmp_path / "ckpt" / "history.csv").unlink()
+    assert cli(capsys, main, *tiny_argv(data, tmp_path, "--resume"))[0] == 0
+    assert (tmp_path / "ckpt" / "history.csv").read_bytes() == history
+
+
 def test_resume_without_a_finished_members_best_pt_says_so(capsys, data, tmp_path):
     assert cli(capsys, main, *tiny_argv(data, tmp_path, "--ensemble", "2"))[0] == 0
     best = tmp_path / "ckpt" / "member1" / "best.pt"
@@ -294,11 +303,16 @@ def test_resume_without_a_finished_members_best_pt_says_so(capsys, data, tmp_pat
     assert snapshot(tmp_path) == before
 
 
-def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("earlier_run", [False, True], ids=["fresh folder", "an earlier run's last.pt there"])
+def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data, tmp_path, monkeypatch, earlier_run):
+    if earlier_run:  # not this run's: --resume would continue (or refuse) that one
+        assert cli(capsys, main, *tiny_argv(data, tmp_path))[0] == 0
+    before = snapshot(tmp_path)
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(main, "load_data", interrupted)  # Ctrl-C while reading the CSVs
     code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path))
     assert code == 130
     assert err[-1] == "interrupted before the first checkpoint; start again with the same command"
-    assert not (tmp_path / "ckpt").exists()
+    assert snapshot(tmp_path) == before and (earlier_run or not (tmp_path / "ckpt").exists())

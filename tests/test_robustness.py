@@ -425,11 +425,32 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoints(tmp_
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
 
+def test_batchnorm_statistics_that_overflow_stop_training_and_keep_the_last_good_checkpoints(tmp_path, monkeypatch):
+    """The loss and weights can stay finite while a running variance overflows: the model is
+    broken all the same, and that epoch must not replace best.pt."""
+    images, labels = make_digits(160, seed=3)
+    data = DigitDataset(images, labels)
+    real_epoch = trainer.Trainer.train_epoch
+
+    def overflow_from_epoch_2(self, epoch):
+        result = real_epoch(self, epoch)
+        if epoch == 1:
+            self.model.features[1].running_var.fill_(float("inf"))
+        return result
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", overflow_from_epoch_2)
+    with pytest.raises(trainer.TrainingDiverged, match="BatchNorm statistics became NaN or Inf in epoch 2"):
+        trainer.train(DigitRecognizerModel(ModelConfig(widths=(4, 8, 8))), data.subset(torch.arange(128)),
+                      data.subset(torch.arange(128, 160)), small_recipe(epochs=3, batch_size=32), torch.device("cpu"),
+                      tmp_path, log=lambda *_: None)
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1 and load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
 def test_diverging_run_exits_1_with_one_line_and_writes_no_submission(capsys, tmp_path, kaggle_dir):
     out = tmp_path / "out"
     code, _, err = cli(capsys, main, *main_argv(kaggle_dir, out), "--lr", "100", "--batch-size", "64")
     assert code == 1 and len(err) == 1
-    assert re.match(r"error: (loss became nan|weights became NaN or Inf) in epoch 1; lower --lr", err[0])
+    assert re.match(r"error: (loss became nan|weights or BatchNorm statistics became NaN or Inf) in epoch 1; lower --lr",
+                    err[0])
     assert not (out / "final_submission.csv").exists() and not (out / "ckpt" / "best.pt").exists()
 
 
@@ -517,6 +538,8 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
         main, "--submission", lambda t, o, d: t / ("a" * 300 + ".csv"), "bytes, longer than the 255 this file system"),
     "main --checkpoint-dir has a name longer than a file name may be": (
         main, "--checkpoint-dir", lambda t, o, d: t / ("c" * 256) / "ck", "bytes, longer than the 255 this file system"),
+    "main --checkpoint-dir is a file": (main, "--checkpoint-dir", lambda t, o, d: users_file(t / "notes"),
+                                        "--checkpoint-dir {}: is a file, not a folder; pass a folder path"),
     "main --submission is the checkpoint folder's history.csv": (
         main, "--submission", lambda t, o, d: o / "ckpt" / "history.csv", "history.csv: is also the --submission output"),
 }
@@ -744,6 +767,15 @@ def test_the_logged_rebuild_command_keeps_the_chosen_device(capsys, tmp_path, ou
     assert (tmp_path / "rebuilt.csv").read_bytes() == (out / "final_submission.csv").read_bytes()
 
 
+def test_a_checkpoint_dir_that_links_to_a_folder_still_to_be_made_makes_it(capsys, tmp_path, out):
+    (tmp_path / "ck").symlink_to(tmp_path / "volume" / "ck")
+    argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
+    argv[argv.index("--checkpoint-dir") + 1] = tmp_path / "ck"
+    code, _, err = cli(capsys, main, *argv)
+    assert (code, err) == (0, []) and (tmp_path / "ck").is_symlink()
+    assert sorted(os.listdir(tmp_path / "volume" / "ck")) == ["best.pt", "history.csv", "last.pt"]
+
+
 def test_a_checkpoint_dir_through_a_missing_folder_and_dotdot_makes_no_stray_folder(capsys, tmp_path, out,
                                                                                      monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -834,14 +866,18 @@ def test_a_line_break_inside_a_cell_or_a_flag_is_still_one_line(capsys, tmp_path
 @pytest.mark.parametrize("world_size, says", [("abc", "WORLD_SIZE='abc' in the environment is not a process count"),
                                               ("0", "WORLD_SIZE='0'"),
                                               ("2", "WORLD_SIZE=2 is set but not RANK"),
-                                              ("2 RANK=x", "RANK='x' in the environment is not a number below 2"),
-                                              ("2 RANK=5", "RANK='5' in the environment is not a number below 2"),
+                                              ("2 RANK=x", "RANK='x' in the environment is not a number from 0 to 1"),
+                                              ("2 RANK=5", "RANK='5' in the environment is not a number from 0 to 1"),
                                               ("2 MASTER_PORT=notaport", "MASTER_PORT='notaport'"),
+                                              ("2 LOCAL_WORLD_SIZE=0", "LOCAL_WORLD_SIZE='0' in the environment is "
+                                                                       "not a number from 1 to 2"),
+                                              ("2 LOCAL_WORLD_SIZE=abc", "LOCAL_WORLD_SIZE='abc'"),
+                                              ("2 MASTER_ADDR=", "MASTER_ADDR is empty in the environment"),
                                               ("\u00b2", "WORLD_SIZE='\u00b2' in the environment is not a process")])
 def test_a_world_size_torchrun_never_sets_is_one_line(capsys, monkeypatch, world_size, says):
     world_size, *wrong = world_size.split()
     launched = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-    for name in launched:
+    for name in [*launched, "LOCAL_WORLD_SIZE"]:
         monkeypatch.delenv(name, raising=False)
     for name, value in (setting.split("=") for setting in wrong):  # torchrun's variables, one of them bad
         for good_name, good_value in launched.items():
