@@ -185,7 +185,8 @@ def run(args, log=print):
     """Export, check, then write; returns the parity figures (None without a check)."""
     if args.input is not None:
         args.input = find_data(args.input, names=("test.csv",))
-    check_outputs([("--output", args.output, ONNX_GRAPH)], [*args.checkpoint, *source_files(args.input or "", "test.csv")])
+    check_outputs([("--output", args.output, ONNX_GRAPH)],
+                  [*args.checkpoint, *source_files(args.input or "", "test.csv")])
     require("onnx", *(["onnxruntime"] if args.check else []))  # before loading anything
     check_each_once(args.checkpoint)
     models = load_models(args.checkpoint, torch.device("cpu"))

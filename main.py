@@ -142,7 +142,7 @@ def round_folders(options, recipe):
 
 
 def planned_outputs(options, recipe):
-    """[(flag, path)] of every file the run will write, for the checks before it starts."""
+    """[(flag, path, Kind)] of every file the run will write, for the checks before it starts."""
     outputs = [("--submission", options.submission, PREDICTIONS),
                ("--checkpoint-dir", os.path.join(options.checkpoint_dir, HOLDER_FILE), HOLDER)]
     outputs += [("--report", path, kind) for path, kind in report_files(options.report)] if options.report else []
@@ -331,9 +331,10 @@ def train_and_submit(options, recipe, device, log=print):
     if not options.dry_run:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inference.py")  # from any folder
         as_argument = lambda path: shlex.quote("./" + path if path.startswith("-") else path)  # noqa: E731
+        device = "" if options.device == "auto" else f" --device {options.device}"  # as chosen, also on a GPU machine
         log(f"the same file from the checkpoints alone: python {as_argument(script)} --checkpoint "
             f"{' '.join(map(as_argument, checkpoints))} --input {as_argument(options.data)} "
-            f"--output {as_argument(options.submission)}{'' if options.device == 'auto' else ' --device ' + options.device}")
+            f"--output {as_argument(options.submission)}{device}")
     val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item() if len(val_set) else float("nan")
     return {"histories": histories, "val_accuracy": val_accuracy, "submission": options.submission,
             "checkpoints": checkpoints, "seconds": seconds,

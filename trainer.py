@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from DigitRecognizerModel import CheckpointError, load_checkpoint, save_checkpoint
-from cli import UserError, as_typed, first_sentence, flag_name, flatten_settings, launched_world_size, setting, setting_fields
+from cli import (UserError, as_typed, first_sentence, flag_name, flatten_settings, launched_world_size, setting,
+                 setting_fields)
 from dataloader import AugmentConfig, DigitDataset, augment
 from files import Kind, atomic_write_text
 from inference import autocast, eval_batch_size, predict_logits
@@ -80,7 +81,10 @@ def init_distributed(device):
     # Nothing is written yet.
     handlers = {number: signal.signal(number, signal.SIG_DFL) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        dist.init_process_group("nccl", device_id=device) if device.type == "cuda" else dist.init_process_group("gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     except (RuntimeError, ValueError) as e:  # e.g. no peer joined within torch's timeout
         raise UserError(f"could not join the torchrun processes at {os.environ['MASTER_ADDR']}:"
                         f"{os.environ['MASTER_PORT']} ({first_sentence(e)}); start them with torchrun") from None
@@ -412,8 +416,8 @@ class Trainer:
     def run_epoch(self, epoch, epochs_bar):
         started = time.perf_counter()
         train_loss, train_accuracy = self.train_epoch(epoch)
-        state = [*self.model.parameters(), *self.model.buffers(), *self.eval_model.parameters()]  # BatchNorm's too
-        weights_finite = all(torch.isfinite(t).all() for t in state if t.is_floating_point())
+        tensors = [*self.model.parameters(), *self.model.buffers(), *self.eval_model.parameters()]  # BatchNorm's too
+        weights_finite = all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
         if not (math.isfinite(train_loss) and weights_finite):  # the diverged epoch is never saved
             kept = f"; {self.paths['best.pt']} keeps the best weights up to epoch {epoch}" if epoch else ""
             what = (f"loss became {train_loss}" if not math.isfinite(train_loss)
