@@ -179,7 +179,8 @@ def _is_whole(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-CHECKPOINT = Kind("a checkpoint", b"PK\x03\x04", (b"model_config",))  # torch.save's zip; save_checkpoint's first key
+# torch.save's zip, whose first entry pickles save_checkpoint's dict: 'model_config' first, its 'arch' first
+CHECKPOINT = Kind("a checkpoint", b"PK\x03\x04", (b"}q\x00(X\x0c\x00\x00\x00model_configq\x01}q\x02(X\x04\x00\x00\x00arch",))
 
 
 def save_checkpoint(path, model, **extra):
@@ -244,9 +245,10 @@ def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:
         with torch.device("meta"):
             expected = {k: v.shape for k, v in build_model(config).state_dict().items()}
         stored = state["model"]
-        not_tensor = next((key for key, value in stored.items() if not isinstance(value, torch.Tensor)), None)
+        not_tensor = next((key for key, value in stored.items()
+                           if not (isinstance(key, str) and isinstance(value, torch.Tensor))), None)
         if not_tensor is not None:
-            raise ValueError(f"{not_tensor!r} in its weights is not a tensor ({type(stored[not_tensor]).__name__})")
+            raise ValueError(f"{not_tensor!r} in its weights is not a named tensor ({type(stored[not_tensor]).__name__})")
         for key, shape in expected.items():
             tensor = stored.get(key)
             if not isinstance(tensor, torch.Tensor) or tensor.shape != shape:

@@ -16,6 +16,7 @@ import gzip
 import io
 import math
 import os
+import re
 import warnings
 import zipfile
 import zlib
@@ -269,6 +270,12 @@ def _read_chunks(label, opener, chunk_rows, dtype=None):
 
 # ----------------------------------------------------------------------------- checking
 
+def _as_written(column, names):
+    """The header cell that pandas read as `column`: it renames a repeated 'label' to 'label.1'."""
+    written = re.sub(r"\.\d+$", "", column)
+    return written if written in names else column
+
+
 def _check_columns(label, columns, expect_label):
     columns = [str(c).strip() for c in columns]
     if len(columns) == 1:  # one long header cell: the cells are split by something else
@@ -281,8 +288,10 @@ def _check_columns(label, columns, expect_label):
     if not any(c == "label" or c.startswith("pixel") for c in columns):
         raise DataError(f"{label}: no header line (the first line is {', '.join(columns[:3])}, ...); add Kaggle's "
                         f"header, {'label,' if expect_label else ''}pixel0,...,pixel783, as the first line")
-    repeated = next((c for c, count in collections.Counter(columns).items() if count > 1), None)
-    if repeated is not None:  # pandas renames only exact repeats; ' label' and 'label' reach here
+    names = set(columns)
+    repeated = next((c for c, count in collections.Counter(_as_written(c, names) for c in columns).items()
+                     if count > 1), None)
+    if repeated is not None:  # pandas renames only exact repeats; ' label' and 'label' reach here as they are
         raise DataError(f"{label}: column '{repeated}' appears twice in the header; keep one of them")
     pixel_columns = [c for c in columns if c != "label"]
     if expect_label and "label" not in columns:

@@ -43,7 +43,9 @@ class View(NamedTuple):
 # Test-time augmentation: the image itself plus small shifts and rotations; the softmax
 # outputs over all views are averaged.
 TTA_VIEWS = [View(), View(0, 1, 0), View(0, -1, 0), View(0, 0, 1), View(0, 0, -1), View(8, 0, 0), View(-8, 0, 0)]
-PREDICTIONS = Kind("a submission or probabilities CSV", b"ImageId,")  # also Kaggle's sample_submission.csv
+# Kaggle's submission format has no room for a mark: any file in it counts as an earlier run's
+SUBMISSION = Kind("a submission CSV", b"ImageId,Label\n")
+PROBABILITIES = Kind("a probabilities CSV", ("ImageId," + ",".join(f"p{k}" for k in range(NUM_CLASSES)) + "\n").encode())
 
 
 def eval_batch_size(device):
@@ -204,11 +206,11 @@ def parse_args(argv):
 
 def planned_outputs(args):
     """[(flag, path)] of every file this command will write."""
-    outputs = [("--output", args.output, PREDICTIONS)] if args.output is not None else []
+    outputs = [("--output", args.output, SUBMISSION)] if args.output is not None else []
     if args.probs is not None:
-        outputs.append(("--probs", args.probs, PREDICTIONS))
+        outputs.append(("--probs", args.probs, PROBABILITIES))
     if args.report is not None:
-        outputs += [("--report", path, kind) for path, kind in report_files(args.report)]
+        outputs += [("--report", path, kind) for path, kind in report_files(args.report, training_run=False)]
     return outputs
 
 

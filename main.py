@@ -40,7 +40,7 @@ from dataloader import (DataError, DigitDataset, check_training_set, find_data, 
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
 from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, folder_lock
-from inference import PREDICTIONS, load_models, predict_probs, write_submission
+from inference import SUBMISSION, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
 from report import report_files, write_report
 from trainer import (HISTORY, TrainingDiverged, close_distributed, init_distributed, rank_and_world_size, train,
@@ -143,9 +143,10 @@ def round_folders(options, recipe):
 
 def planned_outputs(options, recipe):
     """[(flag, path, Kind)] of every file the run will write, for the checks before it starts."""
-    outputs = [("--submission", options.submission, PREDICTIONS),
+    outputs = [("--submission", options.submission, SUBMISSION),
                ("--checkpoint-dir", os.path.join(options.checkpoint_dir, HOLDER_FILE), HOLDER)]
-    outputs += [("--report", path, kind) for path, kind in report_files(options.report)] if options.report else []
+    if options.report and not recipe.ensemble.full_train:  # which leaves nothing to report on
+        outputs += [("--report", path, kind) for path, kind in report_files(options.report)]
     outputs += [("--checkpoint-dir", os.path.join(folder, name), kind)
                 for checkpoint_dir in round_folders(options, recipe)
                 for folder in member_folders(recipe, checkpoint_dir) for name, kind in CHECKPOINT_FILES.items()]
@@ -387,10 +388,10 @@ def run(*, log=print, **flags):
     """
     if not callable(log):
         raise UserError(f"run(log={log!r}): give a function that takes a line, such as print")
-    switches = {}  # on/off flag -> the flag that turns it off: --no-tta; '' for --resume, off unless given
-    for action in build_parser()._actions:
-        if action.nargs == 0 and action.dest != "help":
-            switches[action.dest] = next((s for s in action.option_strings if s.startswith("--no-")), "")
+    actions = {action.dest: action for action in build_parser()._actions if action.dest != "help"}
+    # on/off flag -> the flag that turns it off: --no-tta; '' for --resume, which is off unless given
+    switches = {name: next((s for s in action.option_strings if s.startswith("--no-")), "")
+                for name, action in actions.items() if action.nargs == 0}
     argv = []
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
@@ -403,7 +404,10 @@ def run(*, log=print, **flags):
                 raise UserError(f"run({name}={value!r}): give True or False")
             argv += [flag] if value else [switches[name]] if switches[name] else []
         elif isinstance(value, bool):
-            raise UserError(f"run({name}={value!r}): {flag} takes a value, not True or False")
+            fix = f"{flag} takes a value" if name in actions else "no such setting"
+            if name.startswith("no_") and name[3:] in switches:
+                fix = f"write {name[3:]}={not value}"
+            raise UserError(f"run({name}={value!r}): {fix}")
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:

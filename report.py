@@ -11,6 +11,7 @@ inside the drawing functions, so the suite trains and predicts without it; the C
 index.html are written either way.
 """
 
+import contextlib
 import html
 import io
 import math
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from dataloader import AugmentConfig, DigitDataset, augment
-from files import Kind, atomic_write_bytes, atomic_write_text
+from files import HEAD_BYTES, Kind, atomic_write_bytes, atomic_write_text
 
 PER_CLASS_COLUMNS = ["digit", "images", "correct", "accuracy", "most_confused_with", "confused_count"]
 MISTAKE_COLUMNS = ["line", "index", "label", "predicted", "predicted_probability", "label_probability",
@@ -35,24 +36,35 @@ DPI = 100
 
 
 TITLE = "Digit Recognizer report"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PAGE = Kind("a report page", b"<!DOCTYPE html>", (f"<title>{TITLE}".encode(),))
-_FIGURE = Kind("a report figure", b"\x89PNG\r\n\x1a\n", (b"Matplotlib",))  # matplotlib names itself in the PNG
+_FIGURE = Kind("a report figure", PNG_SIGNATURE, (b"Source\x00" + TITLE.encode(),))  # _save's PNG text chunk
+# Figures from before that mark (matplotlib names itself in every PNG) are taken as ours only
+# beside a report page of ours, which a folder holds once a report was written there.
+_EARLIER_FIGURE = Kind("a report figure", PNG_SIGNATURE, (b"Matplotlib",))
 
 
 def _table(columns):
-    return Kind("a report table", ",".join(columns).encode())
+    return Kind("a report table", (",".join(columns) + "\n").encode())
 
 
-REPORT_FILES = {"index.html": _PAGE, "per_class_accuracy.csv": _table(PER_CLASS_COLUMNS),
-                "per_class_accuracy.png": _FIGURE, "mistakes.csv": _table(MISTAKE_COLUMNS), "mistakes.png": _FIGURE,
-                "confusion_matrix.png": _FIGURE, "learning_curves.png": _FIGURE, "augmentation.png": _FIGURE,
-                "test_predictions.png": _FIGURE, "least_confident_test.csv": _table(UNSURE_COLUMNS),
-                "least_confident_test.png": _FIGURE}
+# file name -> (its Kind or None for a figure, whether only a training run writes it)
+REPORT_FILES = {"index.html": (_PAGE, False), "per_class_accuracy.csv": (_table(PER_CLASS_COLUMNS), False),
+                "per_class_accuracy.png": (None, False), "mistakes.csv": (_table(MISTAKE_COLUMNS), False),
+                "mistakes.png": (None, False), "confusion_matrix.png": (None, False),
+                "learning_curves.png": (None, True), "augmentation.png": (None, True),
+                "test_predictions.png": (None, True), "least_confident_test.csv": (_table(UNSURE_COLUMNS), True),
+                "least_confident_test.png": (None, True)}
 
 
-def report_files(report_dir):
-    """[(path, Kind)] of every file a report may write into `report_dir` (checked before a run starts)."""
-    return [(os.path.join(report_dir, name), kind) for name, kind in REPORT_FILES.items()]
+def report_files(report_dir, training_run=True):
+    """[(path, Kind)] of every file a report may write into `report_dir` (checked before a run
+    starts); a report on a labelled file (inference.py --report) has no curves and no test set."""
+    figure = _FIGURE
+    with contextlib.suppress(OSError), open(os.path.join(report_dir, "index.html"), "rb") as f:
+        figure = _EARLIER_FIGURE if _PAGE.wrote(f.read(HEAD_BYTES)) else _FIGURE
+    return [(os.path.join(report_dir, name), kind or figure) for name, (kind, training_only) in REPORT_FILES.items()
+            if training_run or not training_only]
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -151,7 +163,7 @@ def _new_figure(width, height):
 def _save(figure, path):
     """Render to memory, then write atomically: a reader never sees half a PNG."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
+    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Source": TITLE})  # how report_files knows it
     atomic_write_bytes(path, buffer.getvalue())
     return path
 

@@ -34,7 +34,7 @@ from files import Kind, atomic_write_text
 from inference import autocast, eval_batch_size, predict_logits
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
-HISTORY = Kind("a history.csv", b"epoch,train_loss,")
+HISTORY = Kind("a history.csv", (",".join(HISTORY_COLUMNS) + "\n").encode())
 
 
 class TrainingDiverged(Exception):

@@ -110,7 +110,7 @@ def test_run_returns_the_results_and_raises_user_error(tmp_path, kaggle_input):
     assert results["histories"][0][0]["val_accuracy"] == results["val_accuracy"]
     assert len(pd.read_csv("sub.csv")) == 30 and any(line.startswith("wrote sub.csv") for line in lines)
     for bad in ({"lr": float("nan")}, {"no_such_flag": 1}, {"data": str(tmp_path / "nowhere")}, {"tta": "no"},
-                {"epochs": True}, {"log": None}):
+                {"epochs": True}, {"log": None}, {"no_tta": True}, {"help": True}):
         with pytest.raises(UserError):  # not SystemExit: a notebook kernel keeps running
             main.run(**bad, report="", checkpoint_dir="ck2", submission="sub2.csv")
     assert not os.path.exists("ck2") and not os.path.exists("sub2.csv")

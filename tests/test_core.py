@@ -13,7 +13,7 @@ from DigitRecognizerModel import (ARCHITECTURES, DigitRecognizerModel, ModelConf
 from conftest import make_digits, needs_real_data, real_csv_head, small_recipe
 from dataloader import AugmentConfig, DigitDataset, augment, stratified_split, warp
 from inference import predict_logits
-from trainer import MOMENTUM_DIP, BatchSource, Trainer, evaluate, train
+from trainer import HISTORY_COLUMNS, MOMENTUM_DIP, BatchSource, Trainer, evaluate, train
 
 CPU = torch.device("cpu")
 NO_AUGMENT = AugmentConfig(rotate_deg=0, scale=0, shear=0, shift=0)
@@ -110,9 +110,11 @@ def test_checkpoint_holds_only_plain_types(tmp_path):
 
 
 def test_dry_run_writes_nothing_and_leaves_a_real_run_alone(kaggle_dir, tmp_path, capsys):
-    real_run = {"ck/best.pt": b"PK\x03\x04 model_config, best", "ck/last.pt": b"PK\x03\x04 model_config, last",
-                "ck/history.csv": b"epoch,train_loss,\n1\n", "final_submission.csv": b"ImageId,Label\n1,7\n",
-                "reports/confusion_matrix.png": b"\x89PNG\r\n\x1a\n Matplotlib"}  # as a real run's begin
+    save_checkpoint(tmp_path / "earlier.pt", DigitRecognizerModel(ModelConfig(widths=(4, 8, 8))))
+    real_run = {"ck/best.pt": (tmp_path / "earlier.pt").read_bytes(), "ck/last.pt": (tmp_path / "earlier.pt").read_bytes(),
+                "ck/history.csv": (",".join(HISTORY_COLUMNS) + "\n").encode(),
+                "final_submission.csv": b"ImageId,Label\n1,7\n",
+                "reports/confusion_matrix.png": b"\x89PNG\r\n\x1a\n...Source\x00Digit Recognizer report"}
     for name, content in real_run.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(content)

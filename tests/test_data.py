@@ -152,6 +152,9 @@ BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must sa
     "a column twice, once with a space": (  # pandas renames exact repeats only: both reach the checks
         lambda lines: "\n".join([lines[0] + ", pixel5"] + [t + ",0" for t in lines[1:]]) + "\n",
         "column 'pixel5' appears twice in the header; keep one of them"),
+    "a column twice, exactly": (  # pandas reads the second as 'pixel5.1'
+        lambda lines: "\n".join([lines[0] + ",pixel5"] + [t + ",0" for t in lines[1:]]) + "\n",
+        "column 'pixel5' appears twice in the header; keep one of them"),
 }
 BAD_TRAIN_CONTENT = {
     "no label column": (lambda lines: "\n".join(t.split(",", 1)[1] for t in lines) + "\n", "no 'label' column"),

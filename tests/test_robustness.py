@@ -33,6 +33,8 @@ from dataloader import DigitDataset, augment
 
 # ----------------------------------------------------------------------------- helpers
 
+EARLIER_PROBABILITIES = "ImageId,p0,p1,p2,p3,p4,p5,p6,p7,p8,p9\n1," + ",".join(["0.1"] * 10) + "\n"  # as --probs writes
+
 @pytest.fixture
 def out(tmp_path):
     """Earlier results that a failed run must leave alone: a real best.pt (inference reads
@@ -231,7 +233,7 @@ def test_history_write_that_fails_before_the_rename_keeps_the_old_file(tmp_path,
 
 def test_probs_and_submission_untouched_when_input_fails_midway(capsys, tmp_path, out, monkeypatch):
     """--probs streams rows into its temp file; a bad row after some chunks discards it."""
-    (out / "probs.csv").write_text("ImageId,p0,p1\n1,0.5,0.5\n")  # an earlier run's, which it may replace
+    (out / "probs.csv").write_text(EARLIER_PROBABILITIES)  # an earlier run's, which it may replace
     test_csv = tmp_path / "test.csv"
     test_csv.write_text(edit_cell("x", line=11)(good_lines(False)))  # in the third chunk of 4 rows
     monkeypatch.setattr(inference, "iter_digit_csv", functools.partial(inference.iter_digit_csv, chunk_rows=4))
@@ -332,7 +334,7 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
     "classes as text": (write_with_config(num_classes="10"), "cannot be used: it predicts '10' classes, not the 10"),
     "a width that is True": (write_with_config(widths=(True, 32, 128)), "widths (True, 32, 128) are not whole numbers"),
     "a number among the weights": (write_with_state(lambda state: state["model"].update(extra=3)),
-                                   "cannot be used: 'extra' in its weights is not a tensor (int)"),
+                                   "cannot be used: 'extra' in its weights is not a named tensor (int)"),
     "negative running variance": (write_with_state(lambda state: state["model"]["features.1.running_var"].neg_()),
                                   "cannot be used: its BatchNorm running variances hold negative values"),
     "finite weights that overflow": (write_with_state(lambda state: state["model"]["classifier.2.weight"].fill_(3e38)),
@@ -466,8 +468,9 @@ def fifo(path):
     return path
 
 
-def users_file(path):
-    path.write_text("the user's own\n")
+def users_file(path, text="the user's own\n"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
     return path
 
 
@@ -521,10 +524,10 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
         main, "--submission", lambda t, o, d: o / "ckpt" / HOLDER_FILE, "{}: is also the --submission output"),
     "inference --output would replace a checkpoint": (
         inference, "--output", lambda t, o, d: shutil.copy(o / "ckpt" / "best.pt", t / "copy.pt"),
-        "--output {}: would replace a file that is not a submission or probabilities CSV this suite wrote"),
+        "--output {}: would replace a file that is not a submission CSV this suite wrote"),
     "main --submission would replace a script": (
         main, "--submission", lambda t, o, d: shutil.copy(os.path.join(ROOT, "recipe.py"), t / "recipe.py"),
-        "--submission {}: would replace a file that is not a submission or probabilities CSV this suite wrote"),
+        "--submission {}: would replace a file that is not a submission CSV this suite wrote"),
     "inference --output ends in a slash": (
         inference, "--output", lambda t, o, d: f"{shutil.copy(o / 'ckpt' / 'best.pt', t / 'other.pt')}/",
         "--output {}: ends in a folder, not a file name"),
@@ -532,7 +535,7 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
                                      "--submission {}: ends in a folder, not a file name"),
     "inference --output is a .csv link to another kind of file": (
         inference, "--output", lambda t, o, d: symlink(t / "link.csv", users_file(t / "notes.txt")),
-        "--output {}: would replace a file that is not a submission or probabilities CSV this suite wrote"),
+        "--output {}: would replace a file that is not a submission CSV this suite wrote"),
     "inference --output is empty": (inference, "--output", lambda t, o, d: "", "--output is empty"),
     "main --submission is longer than a file name may be": (
         main, "--submission", lambda t, o, d: t / ("a" * 300 + ".csv"), "bytes, longer than the 255 this file system"),
@@ -660,7 +663,7 @@ def test_ctrl_c_or_sigterm_during_inference_is_one_line_and_leaves_no_partial_fi
         probs_file.write("ImageId,p0\n1,0.5\n")  # part of the probabilities: never to be seen
         os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a notebook's stop button sends it
     monkeypatch.setattr(inference, "predict_file", stopped_midway)
-    (out / "p.csv").write_text("ImageId,p0\n1,0.9\n")  # an earlier run's probabilities
+    (out / "p.csv").write_text(EARLIER_PROBABILITIES)
     before = snapshot(out)
     code, _, err = cli(capsys, inference, *inference_argv(write_data(tmp_path / "data") / "test.csv", out),
                        "--probs", out / "p.csv")
@@ -703,9 +706,17 @@ def test_the_next_run_replaces_what_the_first_wrote_even_a_submission_not_named_
 
 
 def users_torch_file(path):
-    """Another project's checkpoint: a torch zip that this suite did not write."""
+    """Another project's checkpoint: a torch zip that this suite did not write, with a model_config too."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, path)
+    torch.save({"epoch": 41, "model_config": {"hidden": 10}, "state_dict": {"w": torch.zeros(2)}}, path)
+    return path
+
+
+def users_plot(path):
+    """The user's own matplotlib figure, in a folder with no report page of this suite."""
+    import matplotlib.figure
+    path.parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.figure.Figure(figsize=(1, 1)).savefig(path)
     return path
 
 
@@ -718,17 +729,52 @@ USERS_FILES_IN_THE_WAY = {  # case: (command, its argv for (tmp_path, out, data)
         lambda t, o, d: shutil.copy(users_file(t / "h.txt"), t / "history.csv") and t / "history.csv"),
     "main --report into a folder with the user's index.html": (
         main, lambda t, o, d: main_argv(d, o) + ["--report", t / "site"],
-        lambda t, o, d: (t / "site").mkdir() or users_file(t / "site" / "index.html")),
+        lambda t, o, d: users_file(t / "site" / "index.html")),
     "inference --report into a folder with the user's mistakes.csv": (
         inference, lambda t, o, d: inference_argv(d / "train.csv", o)[:4] + ["--report", t / "site"],
-        lambda t, o, d: (t / "site").mkdir() or users_file(t / "site" / "mistakes.csv")),
+        lambda t, o, d: users_file(t / "site" / "mistakes.csv")),
     "main --checkpoint-dir holding another project's best.pt": (
         main, lambda t, o, d: main_argv(d, o)[:2] + ["--checkpoint-dir", t / "ck", "--report", ""],
         lambda t, o, d: users_torch_file(t / "ck" / "best.pt")),
+    "inference --report into a folder with the user's own matplotlib figure": (
+        inference, lambda t, o, d: inference_argv(d / "train.csv", o)[:4] + ["--report", t / "figs"],
+        lambda t, o, d: users_plot(t / "figs" / "confusion_matrix.png")),
+    "inference --probs is a submission": (
+        inference, lambda t, o, d: inference_argv(d / "test.csv", o) + ["--probs", t / "sub.csv"],
+        lambda t, o, d: shutil.copy(o / "final_submission.csv", t / "sub.csv") and t / "sub.csv"),
+    "main --checkpoint-dir holding another project's history.csv": (
+        main, lambda t, o, d: main_argv(d, o)[:2] + ["--checkpoint-dir", t / "ck", "--report", ""],
+        lambda t, o, d: users_file(t / "ck" / "history.csv", "epoch,train_loss,val_loss\n1,0.5,0.4\n")),
     "main --checkpoint-dir holding another project's member2/last.pt": (
         main, lambda t, o, d: main_argv(d, o)[:2] + ["--checkpoint-dir", t / "ck", "--ensemble", 2, "--report", ""],
         lambda t, o, d: users_torch_file(t / "ck" / "member2" / "last.pt")),
 }
+
+
+def test_a_report_folder_from_before_figures_were_marked_is_replaced(capsys, tmp_path, out):
+    """Earlier versions' figures carry only matplotlib's own mark: beside this suite's page they count as ours."""
+    data = write_data(tmp_path / "data")
+    users_plot(tmp_path / "rep" / "confusion_matrix.png")
+    (tmp_path / "rep" / "index.html").write_text("<!DOCTYPE html>\n<html><head><title>Digit Recognizer report: "
+                                                 "train.csv</title></head></html>\n")
+    code, _, err = cli(capsys, inference, *inference_argv(data / "train.csv", out)[:4], "--report", tmp_path / "rep")
+    assert (code, err) == (0, [])
+    assert b"Source\x00Digit Recognizer report" in (tmp_path / "rep" / "confusion_matrix.png").read_bytes()[:4096]
+
+
+def test_a_report_skips_the_files_it_will_not_write(capsys, tmp_path, out):
+    """inference.py --report draws no curves and no test set; --full-train writes no report."""
+    data = write_data(tmp_path / "data")
+    users_plot(tmp_path / "rep" / "learning_curves.png")
+    users_file(tmp_path / "rep2" / "index.html")
+    before = snapshot(tmp_path / "rep"), snapshot(tmp_path / "rep2")
+    code, _, err = cli(capsys, inference, *inference_argv(data / "train.csv", out)[:4], "--report", tmp_path / "rep")
+    assert (code, err) == (0, [])
+    code, _, err = cli(capsys, main, *main_argv(data, out), "--full-train", "--widths", 4, 8, 8,
+                       "--report", tmp_path / "rep2")
+    assert (code, err) == (0, [])
+    assert snapshot(tmp_path / "rep2") == before[1]
+    assert snapshot(tmp_path / "rep")["learning_curves.png"] == before[0]["learning_curves.png"]
 
 
 @pytest.mark.parametrize("case", USERS_FILES_IN_THE_WAY)
