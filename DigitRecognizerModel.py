@@ -180,7 +180,8 @@ def _is_whole(value):
 
 
 # torch.save's zip, whose first entry pickles save_checkpoint's dict: 'model_config' first, its 'arch' first
-CHECKPOINT = Kind("a checkpoint", b"PK\x03\x04", (b"}q\x00(X\x0c\x00\x00\x00model_configq\x01}q\x02(X\x04\x00\x00\x00arch",))
+CHECKPOINT = Kind("a checkpoint", b"PK\x03\x04",
+                  (b"}q\x00(X\x0c\x00\x00\x00model_configq\x01}q\x02(X\x04\x00\x00\x00arch",))
 
 
 def save_checkpoint(path, model, **extra):

@@ -205,7 +205,7 @@ def parse_args(argv):
 
 
 def planned_outputs(args):
-    """[(flag, path)] of every file this command will write."""
+    """[(flag, path, Kind)] of every file this command will write."""
     outputs = [("--output", args.output, SUBMISSION)] if args.output is not None else []
     if args.probs is not None:
         outputs.append(("--probs", args.probs, PROBABILITIES))
