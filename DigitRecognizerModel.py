@@ -179,9 +179,8 @@ def _is_whole(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# torch.save's zip, whose first entry pickles save_checkpoint's dict: 'model_config' first, its 'arch' first
-CHECKPOINT = Kind("a checkpoint", b"PK\x03\x04",
-                  (b"}q\x00(X\x0c\x00\x00\x00model_configq\x01}q\x02(X\x04\x00\x00\x00arch",))
+# torch.save's zip, whose first entry pickles save_checkpoint's dict: 'model_config' first, a dict
+CHECKPOINT = Kind("a checkpoint", b"PK\x03\x04", (b"}q\x00(X\x0c\x00\x00\x00model_configq\x01}q\x02(X",))
 
 
 def save_checkpoint(path, model, **extra):

@@ -40,7 +40,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PAGE = Kind("a report page", b"<!DOCTYPE html>", (f"<title>{TITLE}".encode(),))
 _FIGURE = Kind("a report figure", PNG_SIGNATURE, (b"Source\x00" + TITLE.encode(),))  # _save's PNG text chunk
 # Figures from before that mark (matplotlib names itself in every PNG) are taken as ours only
-# beside a report page of ours, which a folder holds once a report was written there.
+# beside a report page or per-class table of ours: every report, of every version, wrote them.
 _EARLIER_FIGURE = Kind("a report figure", PNG_SIGNATURE, (b"Matplotlib",))
 
 
@@ -57,12 +57,20 @@ REPORT_FILES = {"index.html": (_PAGE, False), "per_class_accuracy.csv": (_table(
                 "least_confident_test.png": (None, True)}
 
 
+def _holds_its_kind(path):
+    """Whether `path` is a regular file that a report wrote (not a pipe: reading it would block)."""
+    if not os.path.isfile(path):
+        return False
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return REPORT_FILES[os.path.basename(path)][0].wrote(f.read(HEAD_BYTES))
+    return False
+
+
 def report_files(report_dir, training_run=True):
     """[(path, Kind)] of every file a report may write into `report_dir` (checked before a run
     starts); a report on a labelled file (inference.py --report) has no curves and no test set."""
-    figure = _FIGURE
-    with contextlib.suppress(OSError), open(os.path.join(report_dir, "index.html"), "rb") as f:
-        figure = _EARLIER_FIGURE if _PAGE.wrote(f.read(HEAD_BYTES)) else _FIGURE
+    figure = _EARLIER_FIGURE if any(_holds_its_kind(os.path.join(report_dir, name))
+                                    for name in ("index.html", "per_class_accuracy.csv")) else _FIGURE
     return [(os.path.join(report_dir, name), kind or figure) for name, (kind, training_only) in REPORT_FILES.items()
             if training_run or not training_only]
 

@@ -23,6 +23,7 @@ import dataloader
 import export
 import inference
 import main
+import report
 import trainer
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, save_checkpoint
 from conftest import ROOT, ROWS, assert_user_error, cli, edit_cell, good_lines, make_digits, small_recipe, snapshot
@@ -758,6 +759,30 @@ def test_a_report_folder_from_before_figures_were_marked_is_replaced(capsys, tmp
     (tmp_path / "rep" / "index.html").write_text("<!DOCTYPE html>\n<html><head><title>Digit Recognizer report: "
                                                  "train.csv</title></head></html>\n")
     code, _, err = cli(capsys, inference, *inference_argv(data / "train.csv", out)[:4], "--report", tmp_path / "rep")
+    assert (code, err) == (0, [])
+    assert b"Source\x00Digit Recognizer report" in (tmp_path / "rep" / "confusion_matrix.png").read_bytes()[:4096]
+
+
+@pytest.mark.parametrize("command", [main, inference], ids=["main", "inference"])
+def test_a_pipe_named_index_html_in_the_report_folder_is_refused_without_reading_it(capsys, tmp_path, out, command):
+    data = write_data(tmp_path / "data")
+    (tmp_path / "rep").mkdir()
+    fifo(tmp_path / "rep" / "index.html")  # reading it would wait for a writer forever
+    argv = main_argv(data, out) if command is main else inference_argv(data / "train.csv", out)[:4]
+    code, _, err = cli(capsys, command, *argv, "--report", tmp_path / "rep")
+    assert_user_error(code, err, f"--report {tmp_path / 'rep' / 'index.html'}: is a device, pipe or socket")
+
+
+def test_checkpoints_and_a_report_cut_short_of_earlier_versions_are_replaced(capsys, tmp_path, out):
+    """Earlier ModelConfigs began with 'widths'; a report cut short (or older than index.html)
+    left its per-class table and unmarked figures: all of them this suite's, so replaced."""
+    data = write_data(tmp_path / "data")
+    config = {"widths": (4, 8, 8), "arch": "cnn", "dropout": 0.1, "num_classes": 10}  # the older field order
+    torch.save({"model_config": config, "model": DigitRecognizerModel(ModelConfig(widths=(4, 8, 8))).state_dict()},
+               out / "ckpt" / "best.pt")
+    users_file(tmp_path / "rep" / "per_class_accuracy.csv", ",".join(report.PER_CLASS_COLUMNS) + "\n0,1,1,1.0,,0\n")
+    users_plot(tmp_path / "rep" / "confusion_matrix.png")
+    code, _, err = cli(capsys, main, *main_argv(data, out), "--widths", 4, 8, 8, "--report", tmp_path / "rep")
     assert (code, err) == (0, [])
     assert b"Source\x00Digit Recognizer report" in (tmp_path / "rep" / "confusion_matrix.png").read_bytes()[:4096]
 
