@@ -183,14 +183,19 @@ class Kind:
 HEAD_BYTES = 4096  # of an existing file: enough to tell each Kind
 
 
+def read_head(path) -> bytes:
+    """The first HEAD_BYTES of the regular file `path` (never a pipe: reading one would block)."""
+    with open(path, "rb") as f:
+        return f.read(HEAD_BYTES)
+
+
 def check_replaces_only(flag, path, kind):
     """OutputError if `path` is an existing file (or a link to one) that holds something and is
     not a `kind` file, which an earlier run wrote and this one may replace."""
     if not os.path.isfile(path):
         return
     try:
-        with open(path, "rb") as f:
-            head = f.read(HEAD_BYTES)
+        head = read_head(path)
     except OSError as e:
         raise OutputError(f"{flag} {path}: cannot read it to tell whether an earlier run wrote it ({_reason(e)}); "
                           f"move that file or give another path") from None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dataloader import AugmentConfig, DigitDataset, augment
-from files import HEAD_BYTES, Kind, atomic_write_bytes, atomic_write_text
+from files import Kind, atomic_write_bytes, atomic_write_text, read_head
 
 PER_CLASS_COLUMNS = ["digit", "images", "correct", "accuracy", "most_confused_with", "confused_count"]
 MISTAKE_COLUMNS = ["line", "index", "label", "predicted", "predicted_probability", "label_probability",
@@ -58,11 +58,9 @@ REPORT_FILES = {"index.html": (_PAGE, False), "per_class_accuracy.csv": (_table(
 
 
 def _holds_its_kind(path):
-    """Whether `path` is a regular file that a report wrote (not a pipe: reading it would block)."""
-    if not os.path.isfile(path):
-        return False
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        return REPORT_FILES[os.path.basename(path)][0].wrote(f.read(HEAD_BYTES))
+    """Whether `path` is a regular file that a report wrote."""
+    with contextlib.suppress(OSError):
+        return os.path.isfile(path) and REPORT_FILES[os.path.basename(path)][0].wrote(read_head(path))
     return False
 
 
