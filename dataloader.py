@@ -45,6 +45,22 @@ class DataError(UserError):
     """Unusable input data; the message is one line: what, where, how to fix."""
 
 
+def _uint8_parse_refuses_overflow():
+    """Whether pandas refuses a cell that uint8 cannot hold: pandas 3 does; pandas 2 wraps it
+    without a word (300 -> 44, -1 -> 255)."""
+    try:
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pd.read_csv(io.StringIO("pixel0\n256\n"), dtype=np.uint8)
+    except (ValueError, OverflowError):
+        return True
+    return False
+
+
+# The first, fast pass parses straight to this dtype; int64 where uint8 would wrap, range-checked per chunk.
+FAST_DTYPE = np.uint8 if _uint8_parse_refuses_overflow() else np.int64
+
+
 # ----------------------------------------------------------------------------- sources
 
 def find_data(path=None, names=("train.csv", "test.csv"), kaggle_root=None):
@@ -192,6 +208,7 @@ class _LineBoundedReader(io.BufferedIOBase):
         self._raw, self._label = raw, label
         self._line_bytes = 0  # of the unfinished line at the end of what was read
         self._lines_ended = 0
+        self._ended_in_cr = False  # a "\r\n" split between two reads is one line end, not two
         # pandas reads a column of True/False cells as 1/0, even into uint8; Kaggle's files
         # hold digits and commas only, so a T or F (5 ms a file to look for) sends the
         # reading to the cell-checked pass, which refuses them.
@@ -202,15 +219,21 @@ class _LineBoundedReader(io.BufferedIOBase):
 
     def read(self, size=-1):
         block = self._raw.read(size)
-        if self._lines_ended == 0 and self._line_bytes == 0 and block[:2] in (b"\xff\xfe", b"\xfe\xff"):
-            raise DataError(f"{self._label}: is UTF-16 text (it starts with a UTF-16 byte order mark); save it as "
-                            f"UTF-8 or plain ASCII, as Kaggle ships it")
+        if self._lines_ended == 0 and self._line_bytes == 0:  # the file's first bytes
+            if block[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise DataError(f"{self._label}: is UTF-16 text (it starts with a UTF-16 byte order mark); save it "
+                                f"as UTF-8 or plain ASCII, as Kaggle ships it")
+            if block.removeprefix(b"\xef\xbb\xbf")[:1] in (b"\n", b"\r"):  # pandas would miscount, or fail
+                raise DataError(f"{self._label}: line 1 is blank; the header line (label,pixel0,... in train.csv, "
+                                f"pixel0,... in test.csv) must come first: delete the blank lines above it")
+        counted = 1 if self._ended_in_cr and block.startswith(b"\n") else 0  # its "\r" was counted already
+        self._ended_in_cr = block.endswith(b"\r")
         start = -self._line_bytes  # where the current line began, relative to this block
         while len(block) - start > MAX_LINE_BYTES:
             # Lines are short: jump to the last line end within reach of the line start.
             line_end = _last_line_end(block, max(start, 0), start + MAX_LINE_BYTES + 1)
             if line_end < 0:
-                line = self._lines_ended + _line_ends(block[:max(start, 0)]) + 1
+                line = self._lines_ended + _line_ends(block[:max(start, 0)]) - counted + 1
                 raise DataError(f"{self._label}: line {line} is {MAX_LINE_BYTES + 1:,}+ bytes long; a Kaggle row "
                                 f"is at most {KAGGLE_LINE_BYTES:,} bytes; is this the Kaggle CSV?")
             start = line_end + 1
@@ -218,7 +241,7 @@ class _LineBoundedReader(io.BufferedIOBase):
             self.may_hold_booleans = any(letter in block for letter in (b"T", b"t", b"F", b"f"))
         line_end = _last_line_end(block, max(start, 0), len(block))
         self._line_bytes = len(block) - (start if line_end < 0 else line_end + 1)
-        self._lines_ended += _line_ends(block)
+        self._lines_ended += _line_ends(block) - counted
         return block
 
     def read1(self, size=-1):  # io.TextIOWrapper (older pandas wraps the stream in one) reads this way
@@ -357,16 +380,20 @@ def iter_digit_csv(path, name, labelled, chunk_rows=CHUNK_ROWS, log=print):
     `labelled`: True for train.csv (label column required), False for test.csv (a label
     column is accepted and ignored, with one note through `log`).
 
-    Clean files take the fast path: pandas parses straight to uint8, which also rejects
-    anything that is not a whole number in 0-255, and hands back one block per chunk
+    Clean files take the fast path: pandas parses straight to uint8 (FAST_DTYPE), which also
+    rejects anything that is not a whole number in 0-255, and hands back one block per chunk
     (0.01 s to an array instead of 0.4 s for 784 separate int64 columns). At the first
     cell it rejects, the file is read again cell-checked, from the chunk it stopped at,
-    to name the exact line and column.
+    to name the exact line and column. A pipe cannot be read twice: it is cell-checked
+    from the start.
     """
     label, opener = resolve_csv(path, name)
+    if not (os.path.isdir(path) or os.path.isfile(path)):  # a pipe, /dev/stdin, <(...)
+        yield from _checked_chunks(label, opener, labelled, chunk_rows, log)
+        return
     chunks_done = 0
     try:
-        for chunk in _checked_chunks(label, opener, labelled, chunk_rows, log, dtype=np.uint8):
+        for chunk in _checked_chunks(label, opener, labelled, chunk_rows, log, dtype=FAST_DTYPE):
             yield chunk
             chunks_done += 1
     except (ValueError, OverflowError):  # a cell uint8 cannot hold; OverflowError past 2**64
