@@ -126,6 +126,10 @@ def resolve_csv(path: str, name: str):
     Returns (label for messages, opener) where opener() gives a binary file object.
     """
     if not os.path.exists(path):
+        folder = os.path.dirname(os.path.normpath(path)) or "."
+        if os.path.isfile(os.path.join(folder, KAGGLE_ZIP)):  # data/train.csv where data/ holds Kaggle's zip
+            raise DataError(f"{path}: no such file, but {os.path.join(folder, KAGGLE_ZIP)} is there; pass that zip "
+                            f"or its folder, {os.path.join(folder, '')}, which reads {name} from it")
         raise DataError(f"{path}: no such file or folder; check the path, or {GET_THE_DATA}")
     if os.path.isdir(path):
         found = _csv_files_in(path, name)

@@ -4,7 +4,7 @@ Usage:
     python inference.py --checkpoint checkpoints/best.pt                # data/ or the Kaggle input folder
     python inference.py --checkpoint checkpoints/best.pt --input ../shared/data/digit-recognizer.zip
     python inference.py --checkpoint a/best.pt b/best.pt --no-tta --output ensemble.csv
-    python inference.py --checkpoint checkpoints/best.pt --input data/train.csv --report reports/
+    python inference.py --checkpoint checkpoints/best.pt --input data/ --report reports/  # data/'s train.csv
 
 Several checkpoints are an ensemble: their softmax outputs are averaged. Test-time
 augmentation follows the recipe stored in the checkpoints, so the submission main.py wrote
@@ -28,7 +28,7 @@ import torch
 from DigitRecognizerModel import NUM_CLASSES, CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, UserError, choose_device, path_argument, run_command
 from dataloader import (CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv,
-                        source_files, warp)
+                        resolve_csv, source_files, warp)
 from files import Kind, atomic_open, check_outputs
 from report import report_files, write_report
 
@@ -156,9 +156,10 @@ def report_file(models, input_path, report_dir, device, tta=False, checkpoints=(
     except DataError as e:
         raise DataError(f"--report needs labelled input: {e}") from None
     probs = predict_probs(models, images, device, tta)
-    name = os.path.basename(os.path.normpath(input_path))
+    name = os.path.basename(resolve_csv(input_path, "train.csv")[0])  # a folder's train.csv, zip.zip:train.csv
     dataset = DigitDataset(images, labels)
     return probs, write_report(report_dir, dataset, probs, name=name, log=log, line_numbers=dataset.line_numbers,
+                               lines_in=name,
                                recipe={"checkpoints": " ".join(checkpoints), "input": input_path, "tta": tta})
 
 

@@ -64,6 +64,22 @@ def _holds_its_kind(path):
     return False
 
 
+def _remove_earlier(report_dir, written):
+    """Delete what an earlier report left here and this one did not write (its curves, its test
+    set), so the folder holds one report; only files of this suite's kinds. Returns how many."""
+    removed = 0
+    for name, (kind, _) in REPORT_FILES.items():
+        path = os.path.join(report_dir, name)
+        if name in written or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        with contextlib.suppress(OSError):
+            head = read_head(path)
+            if any(k.wrote(head) for k in ([kind] if kind else [_FIGURE, _EARLIER_FIGURE])):
+                os.remove(path)
+                removed += 1
+    return removed
+
+
 def report_files(report_dir, training_run=True):
     """[(path, Kind)] of every file a report may write into `report_dir` (checked before a run
     starts); a report on a labelled file (inference.py --report) has no curves and no test set."""
@@ -480,13 +496,13 @@ def _draw_figures(target, dataset, name, matrix, rows, mistakes, history, augmen
     return figures
 
 
-def _index_sections(name, figures, rows, mistakes, unsure, history, n_images, n_test, line_numbers_given):
+def _index_sections(name, figures, rows, mistakes, unsure, history, n_images, n_test, lines_in):
     """[(heading, [html blocks])] of index.html, empty sections dropped."""
     def pictures(*names):
         shown = [_figure(n, f"{n}: {FIGURE_CAPTIONS[n]}") for n in names if n in figures]
         return [f'<div class="row">{"".join(shown)}</div>'] if shown else []
 
-    where = "train.csv line (header = line 1)" if line_numbers_given else "position in the reported file"
+    where = f"{lines_in} line (header = line 1)" if lines_in else "position in the reported file"
     sections = [
         ("training", pictures("learning_curves.png", "augmentation.png")),
         (f"{name}: where the model fails",
@@ -510,12 +526,12 @@ def _index_sections(name, figures, rows, mistakes, unsure, history, n_images, n_
 
 
 def write_report(report_dir, dataset: DigitDataset, probabilities, history=None, augment_config=None,
-                 train_set=None, name="validation", log=print, *, line_numbers=None, test_images=None,
-                 test_probabilities=None, recipe=None, summary=None):
+                 train_set=None, name="validation", log=print, *, line_numbers=None, lines_in="train.csv",
+                 test_images=None, test_probabilities=None, recipe=None, summary=None):
     """Write the report for class `probabilities` (N, classes) of a model on labelled `dataset`.
 
     Always logs the per-class table and writes per_class_accuracy.csv, mistakes.csv (every
-    error; `line_numbers` (N,) gives each image's line in its CSV, header = line 1) and
+    error; `line_numbers` (N,) gives each image's line in the CSV `lines_in`, header = line 1) and
     index.html (every picture and table on one page, with `recipe` and `summary`: plain
     dicts of the run's settings and headline figures). Draws confusion_matrix.png,
     per_class_accuracy.png and mistakes.png; learning_curves.png when `history` (the
@@ -523,7 +539,8 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
     images, else `dataset`'s). With `test_probabilities` (N_test, classes): the
     predicted-class distribution (test_predictions.png) and least_confident_test.csv, and
     with `test_images` (N_test, 1, 28, 28) too, least_confident_test.png. Without matplotlib
-    the PNGs are skipped with one line. Returns {file name: path written}.
+    the PNGs are skipped with one line. An earlier report's files that this one does not
+    write are removed. Returns {file name: path written}.
     """
     labels, probabilities = dataset.labels.cpu(), probabilities.cpu()
     matrix = confusion_matrix(labels, probabilities.argmax(1), classes=probabilities.shape[1])
@@ -556,11 +573,13 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
     paths.update(figures)
     sections = _index_sections(name, figures, rows, mistakes, unsure, history, len(labels),
                                None if test_probabilities is None else len(test_probabilities),
-                               line_numbers is not None)
+                               lines_in if line_numbers is not None else None)
     summary = {f"{name} accuracy": 1 - len(mistakes) / max(len(labels), 1), f"{name} images": len(labels),
                "mistakes": len(mistakes), **(summary or {})}
     page = render_index_html(f"{TITLE}: {name}", summary, recipe or {}, sections, list(paths))
+    removed = _remove_earlier(report_dir, [*paths, "index.html"])
     paths["index.html"] = target("index.html")
     atomic_write_text(paths["index.html"], page)
-    log(f"report: wrote {len(paths)} files to {report_dir} (open {paths['index.html']})")
+    log(f"report: wrote {len(paths)} files to {report_dir}"
+        f"{f', removed {removed} of an earlier report' if removed else ''} (open {paths['index.html']})")
     return paths

@@ -342,6 +342,17 @@ def test_a_zip_made_on_windows_with_backslash_folders_is_read(tmp_path):
     assert torch.equal(load_train(str(path))[0], load_train(str(reference))[0])
 
 
+def test_a_missing_csv_beside_the_kaggle_zip_points_to_the_zip(tmp_path):
+    """The README's download step leaves data/digit-recognizer.zip only: data/train.csv is not there."""
+    os.mkdir(tmp_path / "data")
+    with zipfile.ZipFile(tmp_path / "data" / "digit-recognizer.zip", "w") as archive:
+        archive.writestr("train.csv", "\n".join(good_lines(True)) + "\n")
+    with pytest.raises(DataError, match=r"^data/train.csv: no such file, but data/digit-recognizer.zip is there; "
+                                        r"pass that zip or its folder, data/, which reads train.csv from it$"):
+        load_train("data/train.csv")  # the tests run in tmp_path
+    assert len(load_train("data/")[0]) == len(good_lines(True)) - 1
+
+
 def test_numpy_savetxt_output_with_its_long_float_cells_is_read(tmp_path):
     """np.savetxt's default "%.18e" writes 25 bytes a cell: a legitimate whole-number file."""
     reference = write(tmp_path / "train.csv", "\n".join(good_lines(True)) + "\n")

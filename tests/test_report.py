@@ -324,6 +324,33 @@ def test_inference_report_on_labelled_csv(tmp_path, checkpoint, monkeypatch):
     assert not os.path.exists("final_submission.csv")  # --report scores, it does not predict for Kaggle
 
 
+def test_inference_report_replaces_an_earlier_report_whole(tmp_path, checkpoint, monkeypatch, capsys, full_report):
+    """Over a training run's report, the files this report does not draw (curves, test set) go,
+    so the page and the folder agree; a file that is not this suite's stays."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(full_report["folder"], "rep")
+    user_png = PNG_SIGNATURE + b"not drawn by this suite"
+    open("rep/augmentation.png", "wb").write(user_png)
+    open("rep/notes.txt", "w").write("mine")
+    os.mkdir("data")
+    write_csv(tmp_path / "data" / "train.csv", *make_digits(50, seed=4))
+    assert inference.main(["--checkpoint", checkpoint, "--input", "data", "--report", "rep"]) == 0
+    written = PNGS - {"learning_curves.png", "augmentation.png"} | TABLES
+    assert set(os.listdir("rep")) == written | {"augmentation.png", "notes.txt"}
+    assert open("rep/augmentation.png", "rb").read() == user_png and open("rep/notes.txt").read() == "mine"
+    assert "report: wrote 6 files to rep, removed 4 of an earlier report" in capsys.readouterr().out
+    page = open("rep/index.html").read()
+    assert "train.csv: where the model fails" in page and "(line: train.csv line (header = line 1))" in page
+
+
+def test_inference_report_names_the_file_its_lines_are_in(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path / "holdout.csv", *make_digits(30, seed=4))
+    assert inference.main(["--checkpoint", checkpoint, "--input", "holdout.csv", "--report", "rep"]) == 0
+    page = open("rep/index.html").read()
+    assert "holdout.csv line (header = line 1)" in page and "train.csv line" not in page
+
+
 @pytest.mark.parametrize("name", ["tr$_$x.csv", os.fsdecode(b"tr\xff.csv")], ids=["dollars", "not UTF-8"])
 def test_inference_report_on_a_file_whose_name_matplotlib_would_misread(tmp_path, checkpoint, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
