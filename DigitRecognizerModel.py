@@ -12,6 +12,7 @@ DEFAULT_DROPOUT and fuse_batchnorm_), decorated with `@register("name")`; `--arc
 then trains it and its checkpoints load.
 """
 
+import contextlib
 import os
 import pickle
 import re
@@ -159,8 +160,11 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 def config_from_dict(values: dict) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
-    if not isinstance(values, dict) or set(values) - known:
-        raise ValueError(f"model config has unknown fields {sorted(set(values) - known)}")
+    if not isinstance(values, dict):
+        raise ValueError(f"its model config is a {type(values).__name__}, not a dict")
+    if set(values) - known:
+        raise CheckpointError(f"its model config has fields this version does not know "
+                              f"{sorted(map(str, set(values) - known))}: written by a newer version? update this code")
     values = dict(values)
     if "widths" in values:
         values["widths"] = tuple(values["widths"]) if isinstance(values["widths"], (list, tuple)) else values["widths"]
@@ -211,6 +215,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: is a directory; pass the checkpoint file, e.g. {path}/best.pt")
     if not os.path.isfile(path):  # reading a pipe would wait for a writer forever
         raise CheckpointError(f"{path}: is a device, pipe or socket, not a checkpoint file; pass a best.pt")
+    _check_records(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; errors say enough
             warnings.simplefilter("ignore")
@@ -224,14 +229,34 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {first_sentence(e)}") from None
-    except (IndexError, KeyError, TypeError, AttributeError):  # the unpickler fed other bytes (a CSV, a text file)
+    except (IndexError, KeyError, TypeError, AttributeError, AssertionError, OverflowError):  # other bytes (a CSV,
         raise CheckpointError(f"{path}: not a checkpoint (its bytes are not a saved PyTorch file); pass a best.pt "
-                              f"or last.pt written by this suite") from None
+                              f"or last.pt written by this suite") from None  # a text file, a crafted pickle)
+    except MemoryError:
+        raise CheckpointError(f"{path}: needs more memory than is free to load; not a checkpoint of this suite's "
+                              f"size (a few MB)") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "model_config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by this suite (no model config and weights)")
     if not isinstance(state.get("identity", {}), dict):  # the recipe it was trained with, read by inference
         raise CheckpointError(f"{path}: not a checkpoint written by this suite (its recipe is not a dict)")
     return state
+
+
+def _check_records(path):
+    """CheckpointError for a zip that torch.save did not write: no pickle record, or compressed
+    records (torch.save stores them as they are), which torch.load would inflate whatever
+    their size: a 1 MB file can hold gigabytes of zeros."""
+    with contextlib.suppress(OSError, zipfile.BadZipFile):  # not a zip (torch's older format): torch.load judges
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+        if not any(r.filename.endswith("/data.pkl") for r in records):
+            raise CheckpointError(f"{path}: is a zip but not a PyTorch checkpoint (no data.pkl in it); pass a best.pt "
+                                  f"or last.pt written by this suite")
+        if any(r.compress_type != zipfile.ZIP_STORED for r in records):
+            raise CheckpointError(f"{path}: its records are compressed, which torch.save never does, so it was "
+                                  f"repacked or crafted; pass the file torch.save wrote")
 
 
 def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:
@@ -243,17 +268,23 @@ def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:
     try:
         config = config_from_dict(state["model_config"])
         with torch.device("meta"):
-            expected = {k: v.shape for k, v in build_model(config).state_dict().items()}
+            expected = build_model(config).state_dict()  # shapes and dtypes, no memory
         stored = state["model"]
         not_tensor = next((key for key, value in stored.items()
                            if not (isinstance(key, str) and isinstance(value, torch.Tensor))), None)
         if not_tensor is not None:
             raise ValueError(f"{not_tensor!r} in its weights is not a named tensor ({type(stored[not_tensor]).__name__})")
-        for key, shape in expected.items():
+        unexpected = sorted(set(stored) - set(expected))
+        if unexpected:  # before any tensor is read: an extra one may be a huge (stride-0) view
+            raise ValueError(f"its weights hold {unexpected[0]!r}, which the config's model does not have")
+        for key, meta in expected.items():
             tensor = stored.get(key)
-            if not isinstance(tensor, torch.Tensor) or tensor.shape != shape:
-                found = "missing" if tensor is None else tuple(getattr(tensor, "shape", ()))
-                raise ValueError(f"{key} is {found}, the config needs {tuple(shape)}")
+            if tensor is None or tensor.shape != meta.shape:
+                found = "missing" if tensor is None else tuple(tensor.shape)
+                raise ValueError(f"{key} is {found}, the config needs {tuple(meta.shape)}")
+            if tensor.is_floating_point() != meta.is_floating_point() or tensor.is_complex():
+                raise ValueError(f"{key} holds {str(tensor.dtype).removeprefix('torch.')} values, the model "
+                                 f"{str(meta.dtype).removeprefix('torch.')}")
         if any(t.is_floating_point() and not torch.isfinite(t).all() for t in stored.values()):
             raise ValueError("its weights hold NaN or Inf values (a diverged run?)")
         if any(key.endswith("running_var") and (value < 0).any() for key, value in stored.items()):

@@ -45,6 +45,10 @@ class DataError(UserError):
     """Unusable input data; the message is one line: what, where, how to fix."""
 
 
+class NoLabelColumn(DataError):
+    """A training CSV without its 'label' column (a test.csv, say)."""
+
+
 def _uint8_parse_refuses_overflow():
     """Whether pandas refuses a cell that uint8 cannot hold: pandas 3 does; pandas 2 wraps it
     without a word (300 -> 44, -1 -> 255)."""
@@ -322,7 +326,7 @@ def _check_columns(label, columns, expect_label):
         raise DataError(f"{label}: column '{repeated}' appears twice in the header; keep one of them")
     pixel_columns = [c for c in columns if c != "label"]
     if expect_label and "label" not in columns:
-        raise DataError(f"{label}: no 'label' column; a training CSV needs label,pixel0..pixel783")
+        raise NoLabelColumn(f"{label}: no 'label' column; a training CSV needs label,pixel0..pixel783")
     if len(pixel_columns) != NUM_PIXELS:
         raise DataError(
             f"{label}: {len(pixel_columns)} pixel columns, expected {NUM_PIXELS} (pixel0..pixel783); "

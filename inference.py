@@ -18,8 +18,11 @@ numbers.
 """
 
 import argparse
+import collections
 import contextlib
+import filecmp
 import os
+import stat
 import sys
 from typing import NamedTuple
 
@@ -27,7 +30,7 @@ import torch
 
 from DigitRecognizerModel import NUM_CLASSES, CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, UserError, choose_device, path_argument, run_command
-from dataloader import (CHUNK_ROWS, DataError, DigitDataset, find_data, iter_digit_csv, load_digit_csv,
+from dataloader import (CHUNK_ROWS, DataError, DigitDataset, NoLabelColumn, find_data, iter_digit_csv, load_digit_csv,
                         resolve_csv, source_files, warp)
 from files import Kind, atomic_open, check_outputs
 from report import report_files, write_report
@@ -98,17 +101,25 @@ def trained_with_tta(states, log=print):
 
 
 def check_each_once(paths):
-    """UserError if one checkpoint is given twice (`a/best.pt ./a/best.pt`): it would count
-    twice in the average."""
-    seen = {}
+    """UserError if one checkpoint is given twice (`a/best.pt ./a/best.pt`, or a copy of it):
+    it would count twice in the average."""
+    seen, by_size = {}, collections.defaultdict(list)  # (device, inode) -> path; size -> paths
     for path in paths:
-        with contextlib.suppress(OSError):  # a missing file: loading it says so
+        try:
             status = os.stat(path)
-            key = (status.st_dev, status.st_ino)
-            if key in seen:
-                raise UserError(f"--checkpoint {path}: is {seen[key]} again; each checkpoint counts once in the "
-                                f"average, so give it once")
-            seen[key] = path
+        except OSError:  # a missing file: loading it says so
+            continue
+        inode = (status.st_dev, status.st_ino)
+        if inode in seen:
+            raise UserError(f"--checkpoint {path}: is {seen[inode]} again; each checkpoint counts once in the "
+                            f"average, so give it once")
+        if stat.S_ISREG(status.st_mode):
+            copied = next((other for other in by_size[status.st_size] if filecmp.cmp(other, path, shallow=False)), None)
+            if copied is not None:
+                raise UserError(f"--checkpoint {path}: holds the same bytes as {copied}, so the same model; each "
+                                f"model counts once in the average, so give it once")
+            by_size[status.st_size].append(path)
+        seen[inode] = path
 
 
 def predict_probs(models, images, device, tta=False):
@@ -153,7 +164,7 @@ def report_file(models, input_path, report_dir, device, tta=False, checkpoints=(
     """Score a labelled CSV and write the report into `report_dir`; returns (probabilities, paths)."""
     try:
         images, labels = load_digit_csv(input_path, "train.csv", labelled=True, log=log)
-    except DataError as e:
+    except NoLabelColumn as e:
         raise DataError(f"--report needs labelled input: {e}") from None
     probs = predict_probs(models, images, device, tta)
     name = os.path.basename(resolve_csv(input_path, "train.csv")[0])  # a folder's train.csv, zip.zip:train.csv

@@ -360,6 +360,26 @@ def test_inference_report_on_a_file_whose_name_matplotlib_would_misread(tmp_path
     assert os.fsencode(name) in open("rep/index.html", "rb").read()  # the page names the file as it is
 
 
+def test_inference_report_blames_a_bad_cell_not_the_labels(tmp_path, checkpoint, capsys):
+    labelled = write_csv(tmp_path / "train.csv", *make_digits(20))
+    lines = open(labelled).read().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ",300"
+    open(labelled, "w").write("\n".join(lines) + "\n")
+    assert inference.main(["--checkpoint", checkpoint, "--input", labelled, "--report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {labelled}: line 4, column 'pixel783': value 300 is outside 0-255; pixels are 8-bit grey levels\n"
+
+
+def test_a_replaced_output_keeps_its_permissions(tmp_path, checkpoint):
+    test_csv = write_csv(tmp_path / "test.csv", make_digits(20, seed=3)[0])
+    submission = tmp_path / "submission.csv"
+    for mode in (0o600, 0o640):
+        submission.write_text("ImageId,Label\n")
+        submission.chmod(mode)
+        assert inference.main(["--checkpoint", checkpoint, "--input", test_csv, "--output", str(submission)]) == 0
+        assert stat.S_IMODE(submission.stat().st_mode) == mode and len(submission.read_text().splitlines()) == 21
+
+
 def test_inference_report_needs_labelled_input(tmp_path, checkpoint, capsys):
     unlabelled = write_csv(tmp_path / "test.csv", make_digits(20)[0])
     assert inference.main(["--checkpoint", checkpoint, "--input", unlabelled, "--report", str(tmp_path / "r")]) == 2

@@ -298,6 +298,24 @@ def write_with_state(change):
     return write
 
 
+def write_with_record(pickled):
+    """The good checkpoint with its pickle record replaced by `pickled`."""
+    def write(path, marker, good):
+        with zipfile.ZipFile(good) as source, zipfile.ZipFile(path, "w") as target:
+            for name in source.namelist():
+                target.writestr(name, pickled if name.endswith("/data.pkl") else source.read(name))
+    return write
+
+
+def write_repacked(compression):
+    """The good checkpoint's records copied into a zip of another compression."""
+    def write(path, marker, good):
+        with zipfile.ZipFile(good) as source, zipfile.ZipFile(path, "w", compression) as target:
+            for name in source.namelist():
+                target.writestr(name, source.read(name))
+    return write
+
+
 def write_with_nan_weight(path, marker, good):
     state = torch.load(good, weights_only=True)
     state["model"]["classifier.2.weight"][3, 5] = float("nan")
@@ -319,7 +337,21 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
     "unknown architecture": (write_with_config(arch="resnet"), "unknown architecture 'resnet'"),
     "other widths": (write_other_widths, "cannot be used: features.0.weight is (8, 1, 3, 3), the config needs (16,"),
     "other config": (write_with_config(widths=(16, 32)), "cannot be used: the cnn architecture takes 3 widths"),
-    "unknown config field": (write_with_config(depth=3), "unknown fields ['depth']"),
+    "unknown config field": (write_with_config(depth=3), "its model config has fields this version does not know "
+                                                         "['depth']: written by a newer version? update this code"),
+    "a crafted pickle record": (write_with_record(b"\x80\x02K\x01Q."), "not a checkpoint (its bytes are not a saved"),
+    "compressed records": (write_repacked(zipfile.ZIP_DEFLATED), "its records are compressed, which torch.save never"),
+    "a zip that is not a checkpoint": (lambda path, marker, good: zipfile.ZipFile(path, "w").writestr("train.csv", "x"),
+                                       "is a zip but not a PyTorch checkpoint (no data.pkl in it)"),
+    "an extra huge view among the weights": (
+        write_with_state(lambda state: state["model"].update(zz=torch.zeros(1).as_strided((40000, 40000), (0, 0)))),
+        "cannot be used: its weights hold 'zz', which the config's model does not have"),
+    "whole-number weights": (write_with_state(lambda state: state["model"].update(
+        {k: v.long() for k, v in state["model"].items() if v.is_floating_point()})),
+        "cannot be used: features.0.weight holds int64 values, the model float32"),
+    "complex weights": (write_with_state(lambda state: state["model"].update(
+        {k: v.to(torch.complex64) for k, v in state["model"].items() if v.is_floating_point()})),
+        "cannot be used: features.0.weight holds complex64 values, the model float32"),
     "plain state_dict": (lambda path, marker, good: torch.save(DigitRecognizerModel(ModelConfig()).state_dict(), path),
                          "not a checkpoint written by this suite"),
     "11 classes": (lambda path, marker, good: save_checkpoint(path, DigitRecognizerModel(ModelConfig(num_classes=11))),
@@ -816,14 +848,19 @@ def test_an_output_replaces_only_a_file_this_suite_wrote(capsys, tmp_path, out, 
 
 
 @pytest.mark.parametrize("command", [inference, export], ids=["inference", "export"])
-def test_one_checkpoint_given_twice_is_refused_as_it_would_count_double(capsys, tmp_path, out, monkeypatch, command):
+@pytest.mark.parametrize("again, expected", [("./ckpt//best.pt", "is ckpt/best.pt again; each checkpoint counts once"),
+                                             ("copy.pt", "holds the same bytes as ckpt/best.pt, so the same model")],
+                         ids=["the same path", "a copy"])
+def test_one_checkpoint_given_twice_is_refused_as_it_would_count_double(capsys, tmp_path, out, monkeypatch, command,
+                                                                        again, expected):
     monkeypatch.chdir(out)
-    argv = ["--checkpoint", "ckpt/best.pt", "./ckpt//best.pt", "--output", tmp_path / "x.onnx"]
+    shutil.copy("ckpt/best.pt", "copy.pt")
+    argv = ["--checkpoint", "ckpt/best.pt", again, "--output", tmp_path / "x.onnx"]
     if command is inference:
         argv = [*argv[:3], "--input", write_data(tmp_path / "data") / "test.csv", "--output", tmp_path / "x.csv"]
     before = snapshot(tmp_path)
     code, _, err = cli(capsys, command, *argv)
-    assert_user_error(code, err, "--checkpoint ./ckpt//best.pt: is ckpt/best.pt again; each checkpoint counts once")
+    assert_user_error(code, err, f"--checkpoint {again}: {expected}")
     assert snapshot(tmp_path) == before
 
 
