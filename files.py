@@ -266,7 +266,7 @@ def folder_lock(folder, flag="--checkpoint-dir"):
     """
     descriptors = []
     absolute = os.path.realpath(folder)  # 'x/../ck' must not make x; a link to a folder still to be made makes it
-    made = _missing_folders(absolute)  # removed again if the lock is refused
+    made = _missing_folders(absolute)  # removed again if the run writes nothing in them
     try:
         try:
             os.makedirs(absolute, exist_ok=True)
@@ -297,8 +297,8 @@ def folder_lock(folder, flag="--checkpoint-dir"):
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(holder_file)
-    except OutputError:
-        _remove_empty(made)  # nothing was written in them yet
+    except BaseException:  # refused, or stopped (Ctrl-C, an error) before a checkpoint was written
+        _remove_empty(made)  # only the folders it made, and only while they are empty
         raise
     finally:
         for descriptor in descriptors:

@@ -193,9 +193,9 @@ def load_data(options, recipe, log):
                         f"every digit, but one digit has {fewest}; lower --folds or add data")
     held_out = 1 / recipe.ensemble.folds if recipe.ensemble.folds else VAL_FRACTION
     check_training_set(options.data, labels, 0 if recipe.ensemble.full_train else held_out, log=log)
-    rows_per_member = len(labels) * (1 - (0 if recipe.ensemble.full_train else held_out))
-    if rows_per_member < recipe.train.batch_size:
-        raise DataError(f"--batch-size {recipe.train.batch_size} is larger than the {int(rows_per_member):,} training "
+    fewest_rows = min(len(member.train_rows) for member in plan(recipe, labels, options.checkpoint_dir, options.seed))
+    if fewest_rows < recipe.train.batch_size:  # the real split: stratified folds differ by a row a digit
+        raise DataError(f"--batch-size {recipe.train.batch_size} is larger than the {fewest_rows:,} training "
                         f"images of a model; lower it or add data")
     return DigitDataset(images, labels), test_images
 
@@ -330,7 +330,7 @@ def train_and_submit(options, recipe, device, log=print):
     log(f"wrote {options.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
     checkpoints = [os.path.join(m.folder, "best.pt") for m in members]  # under --pseudo-label, round 2's
     if not options.dry_run:
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inference.py")  # from any folder
+        script = command_path("inference.py")
         as_argument = lambda path: shlex.quote("./" + path if path.startswith("-") else path)  # noqa: E731
         device = "" if options.device == "auto" else f" --device {options.device}"  # as chosen, also on a GPU machine
         log(f"the same file from the checkpoints alone: python {as_argument(script)} --checkpoint "
@@ -353,7 +353,7 @@ def dry_run_sample(full, test_images, recipe, log):
 
 
 @contextlib.contextmanager
-def dry_run_outputs(options, log):
+def dry_run_outputs(options, recipe, log):
     """Under --dry-run, every output goes to a temporary folder, removed afterwards, so a smoke
     test never touches a real run's checkpoints, report or submission."""
     if not options.dry_run:
@@ -365,7 +365,8 @@ def dry_run_outputs(options, log):
     options.report = os.path.join(folder, "reports") if options.report else ""
     try:
         yield
-        log(f"dry run: everything worked; its outputs (in {folder}{', the report too' if options.report else ''}) "
+        reported = options.report and not recipe.ensemble.full_train  # --full-train writes no report
+        log(f"dry run: everything worked; its outputs (in {folder}{', the report too' if reported else ''}) "
             f"were temporary and are removed now, nothing else was written")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -375,8 +376,11 @@ def _run(options, recipe, log):
     device = choose_device(options.device)  # chosen once, here
     if options.dry_run:  # what the real run would refuse, its dry run refuses too
         check_run_outputs(options, recipe)
-    with dry_run_outputs(options, log):
-        return train_and_submit(options, recipe, device, log)
+    with dry_run_outputs(options, recipe, log):
+        results = train_and_submit(options, recipe, device, log)
+    if options.dry_run:  # its files are gone: no paths to open
+        results.update(submission=None, checkpoints=[])
+    return results
 
 
 def run(*, log=print, **flags):
@@ -436,9 +440,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def command_path(script):
+    """This suite's `script` as a printed command names it: the bare name in the suite's own
+    folder, else its full path, so the command runs from the folder the run was started in."""
+    folder = os.path.dirname(os.path.realpath(__file__))
+    return script if folder == os.path.realpath(os.getcwd()) else os.path.join(folder, script)
+
+
 def print_resume_hint(argv, options, recipe):
     flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-    command = "torchrun <same options> main.py" if "WORLD_SIZE" in os.environ else "python main.py"
+    script = shlex.quote(command_path("main.py"))
+    command = f"torchrun <same options> {script}" if "WORLD_SIZE" in os.environ else f"python {script}"
     first_last_pt = os.path.join(member_folders(recipe, options.checkpoint_dir)[0], "last.pt")
     this_runs = options.resume or getattr(options, "training_started", False)  # else an earlier run's last.pt
     if options.dry_run or not this_runs or not os.path.exists(first_last_pt):

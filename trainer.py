@@ -363,7 +363,7 @@ class Trainer:
         if self.state.epoch and not os.path.exists(self.paths["best.pt"]):  # every finished epoch wrote or kept one
             raise CheckpointError(f"{self.paths['best.pt']}: missing, though {path} has {self.state.epoch} epochs "
                                   f"done; put it back, or train again without --resume")
-        if self.rank == 0 and not os.path.exists(self.paths["history.csv"]):  # last.pt holds its rows
+        if self.rank == 0:  # last.pt holds its rows: put back a history.csv deleted, or cut short by the interrupt
             write_history(self.paths["history.csv"], self.state.history)
         self.log(f"resumed from {path} after epoch {self.state.epoch}/{self.config.epochs}")
 

@@ -128,6 +128,14 @@ def test_dry_run_writes_nothing_and_leaves_a_real_run_alone(kaggle_dir, tmp_path
     assert all((tmp_path / name).read_bytes() == content for name, content in real_run.items())
 
 
+@pytest.mark.parametrize("flags, says_report", [({}, True), ({"full_train": True}, False)])
+def test_run_dry_run_returns_no_paths_of_removed_files(kaggle_dir, capsys, flags, says_report):
+    results = main.run(data=str(kaggle_dir), dry_run=True, widths=[4, 8, 8], **flags)
+    assert results["submission"] is None and results["checkpoints"] == [] and len(results["histories"]) == 1
+    done = capsys.readouterr().out.splitlines()[-1]
+    assert done.startswith("dry run: everything worked") and ("the report too" in done) == says_report
+
+
 def test_dry_run_checks_all_rows_then_runs_on_a_stratified_sample(kaggle_dir, capsys, monkeypatch):
     monkeypatch.setattr(main, "DRY_RUN_ROWS", 100)
     assert main.main(["--data", str(kaggle_dir), "--dry-run", "--widths", "4", "8", "8", "--batch-size", "16"]) == 0

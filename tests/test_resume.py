@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 
@@ -172,12 +173,39 @@ def test_sigterm_leaves_a_resumable_run_and_says_how(capsys, data, reference, tm
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     how = stderr.strip().splitlines()[-1]
-    assert how.startswith("interrupted; resume with: python main.py --resume ")
+    assert how.startswith("interrupted; resume with: python ")
     assert 1 <= load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] < EPOCHS
     python, script, *resume_argv = shlex.split(how.split("resume with: ", 1)[1])  # run what it says
-    assert (python, script) == ("python", "main.py")
+    assert python == "python" and resume_argv[0] == "--resume"
+    assert script == os.path.join(os.path.realpath(ROOT), "main.py")  # started outside the suite's folder
     resume(capsys, *resume_argv)
     assert_same_result(tmp_path, reference)
+
+
+def test_a_run_stopped_between_last_pt_and_history_csv_resumes_to_the_whole_history(capsys, data, tmp_path,
+                                                                                      monkeypatch):
+    """Ctrl-C (or a full disk) after the last epoch's last.pt but before its history.csv row."""
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "whole"))[0] == 0
+    write_history = trainer.write_history
+
+    def stopped_at_the_last_row(path, history):
+        if len(history) == int(TINY[TINY.index("--epochs") + 1]):
+            raise KeyboardInterrupt
+        write_history(path, history)
+    monkeypatch.setattr(trainer, "write_history", stopped_at_the_last_row)
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "cut"))[0] == 130
+    monkeypatch.undo()
+    assert cli(capsys, main, *tiny_argv(data, tmp_path / "cut", "--resume"))[0] == 0
+    rows = [pd.read_csv(tmp_path / run / "ckpt" / "history.csv").drop(columns="seconds") for run in ("whole", "cut")]
+    assert len(rows[0]) == 2 and rows[0].equals(rows[1])
+
+
+def test_printed_commands_name_the_script_so_they_run_from_where_the_run_started(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    assert main.command_path("main.py") == "main.py"
+    monkeypatch.chdir(tmp_path)
+    assert main.command_path("inference.py") == os.path.join(os.path.realpath(ROOT), "inference.py")
+    assert os.path.isfile(main.command_path("inference.py"))
 
 
 # ----------------------------------------------------------------------------- in-process interrupts, tiny models
@@ -222,7 +250,7 @@ def test_ema_and_elastic_run_end_to_end_and_resume_exactly(capsys, data, tmp_pat
     assert saved["ema"] and (saved["identity"]["ema"], saved["identity"]["elastic_alpha"]) == (0.9, 3.0)
     interrupt_at_epoch(monkeypatch, 2)
     code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", *flags))
-    assert code == 130 and err[-1].startswith("interrupted; resume with: python main.py --resume ")
+    assert code == 130 and err[-1].startswith(f"interrupted; resume with: python {os.path.realpath(ROOT)}/main.py --resume ")
     monkeypatch.undo()
     code, stdout, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", *flags, "--resume"))
     assert (code, err) == (0, []) and "after epoch 1/2" in stdout
@@ -303,16 +331,22 @@ def test_resume_without_a_finished_members_best_pt_says_so(capsys, data, tmp_pat
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("during", ["reading", "the start of training"])
 @pytest.mark.parametrize("earlier_run", [False, True], ids=["fresh folder", "an earlier run's last.pt there"])
-def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data, tmp_path, monkeypatch, earlier_run):
+def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data, tmp_path, monkeypatch, earlier_run,
+                                                                   during):
+    """...and leaves no folder it made: the checkpoint folder exists only once it holds something."""
     if earlier_run:  # not this run's: --resume would continue (or refuse) that one
         assert cli(capsys, main, *tiny_argv(data, tmp_path))[0] == 0
     before = snapshot(tmp_path)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(main, "load_data", interrupted)  # Ctrl-C while reading the CSVs
+    # Ctrl-C while reading the CSVs, or once the checkpoint folder is locked (and made)
+    monkeypatch.setattr(main, "load_data" if during == "reading" else "train_rounds", interrupted)
     code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path))
     assert code == 130
     assert err[-1] == "interrupted before the first checkpoint; start again with the same command"
+    if earlier_run and during != "reading":  # a fresh run removes an earlier run's resume point first
+        del before["ckpt/last.pt"]
     assert snapshot(tmp_path) == before and (earlier_run or not (tmp_path / "ckpt").exists())

@@ -20,13 +20,15 @@ import pytest
 import torch
 
 import dataloader
+import ensemble
 import export
 import inference
 import main
 import report
 import trainer
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, save_checkpoint
-from conftest import ROOT, ROWS, assert_user_error, cli, edit_cell, good_lines, make_digits, small_recipe, snapshot
+from conftest import (ROOT, ROWS, assert_user_error, cli, edit_cell, good_lines, make_digits, small_recipe, snapshot,
+                      write_csv)
 from DigitRecognizerModel import CheckpointError
 from files import HOLDER_FILE, OutputError
 from dataloader import DigitDataset, augment
@@ -636,6 +638,19 @@ FAILURES = {  # case: (flags, what the line must say)
                                              "--batch-size 64 is larger than the 10 training images"),
     "--resume with nothing to resume": (["--data", "data", "--resume", "--batch-size", 4], "last.pt: nothing to resume"),
 }
+
+
+def test_batch_size_is_checked_against_the_real_folds(capsys, tmp_path):
+    """Stratified folds differ by up to a row a digit: the smallest member's rows decide."""
+    images, labels = make_digits(400)
+    (tmp_path / "data").mkdir()
+    write_csv(tmp_path / "data" / "train.csv", images, labels)
+    write_csv(tmp_path / "data" / "test.csv", images[:20])
+    fewest = min(len(m.train_rows) for m in ensemble.plan(main.parse_args(["--folds", "3"])[1], labels, "ck", 0))
+    assert fewest < 400 * 2 // 3  # the estimate would let a batch of 266 through
+    code, _, err = cli(capsys, main, "--data", tmp_path / "data", "--folds", 3, "--batch-size", fewest + 1)
+    assert_user_error(code, err, f"--batch-size {fewest + 1} is larger than the {fewest} training images of a model")
+    assert sorted(os.listdir(tmp_path)) == ["data"]
 
 
 @pytest.mark.parametrize("case", FAILURES)
