@@ -313,11 +313,15 @@ def _check_columns(label, columns, expect_label):
         for separator, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'"), (" ", "spaces")):
             if separator in columns[0]:
                 raise DataError(f"{label}: uses {name} between cells; Kaggle's CSVs use commas")
+    if columns[0] == "ImageId" and "pixel0" in columns:
+        raise DataError(f"{label}: has an 'ImageId' column before the pixels; Kaggle's "
+                        f"{'train' if expect_label else 'test'}.csv has none: drop that column")
     if columns[0] == "ImageId":  # a submission or --probs file
         raise DataError(f"{label}: is predictions ({', '.join(columns[:2])}, ...), not Kaggle's "
                         f"{'train' if expect_label else 'test'}.csv; pass that file")
     if not any(c == "label" or c.startswith("pixel") for c in columns):
-        raise DataError(f"{label}: no header line (the first line is {', '.join(columns[:3])}, ...); add Kaggle's "
+        first = ", ".join(_as_written(c, set(columns)) for c in columns[:3])  # pandas made a repeated '0' '0.1'
+        raise DataError(f"{label}: no header line (the first line is {first}, ...); add Kaggle's "
                         f"header, {'label,' if expect_label else ''}pixel0,...,pixel783, as the first line")
     names = set(columns)
     repeated = next((c for c, count in collections.Counter(_as_written(c, names) for c in columns).items()

@@ -153,7 +153,12 @@ BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must sa
     "binary, not CSV": (lambda lines: np.random.default_rng(0).bytes(4096), "not a readable CSV"),
     "UTF-16": (lambda lines: ("\n".join(lines) + "\n").encode("utf-16"), "is UTF-16 text"),
     "no header line": (lambda lines: "\n".join(lines[1:]) + "\n", "no header line (the first line is "),
+    "no header line, repeated values": (lambda lines: "\n".join(["0,0,0," + lines[1].split(",", 3)[3], *lines[2:]])
+                                        + "\n", "no header line (the first line is 0, 0, 0, ...)"),
     "a submission": (lambda lines: "ImageId,Label\n1,7\n", "is predictions (ImageId, Label, ...), not Kaggle's"),
+    "an ImageId column": (lambda lines: "\n".join(["ImageId," + lines[0]] + [f"{n},{t}" for n, t in
+                                                                         enumerate(lines[1:], 1)]) + "\n",
+                          "has an 'ImageId' column before the pixels;"),
     "a column twice, once with a space": (  # pandas renames exact repeats only: both reach the checks
         lambda lines: "\n".join([lines[0] + ", pixel5"] + [t + ",0" for t in lines[1:]]) + "\n",
         "column 'pixel5' appears twice in the header; keep one of them"),
