@@ -392,8 +392,9 @@ def iter_digit_csv(path, name, labelled, chunk_rows=CHUNK_ROWS, log=print):
     `labelled`: True for train.csv (label column required), False for test.csv (a label
     column is accepted and ignored, with one note through `log`).
 
-    Clean files take the fast path: pandas parses straight to uint8 (FAST_DTYPE), which also
-    rejects anything that is not a whole number in 0-255, and hands back one block per chunk
+    Clean files take the fast path: pandas parses straight to FAST_DTYPE (uint8, which also
+    rejects anything that is not a whole number in 0-255; int64 under pandas 2, whose uint8
+    wraps, then range-checked), and hands back one block per chunk
     (0.01 s to an array instead of 0.4 s for 784 separate int64 columns). At the first
     cell it rejects, the file is read again cell-checked, from the chunk it stopped at,
     to name the exact line and column. A pipe cannot be read twice: it is cell-checked
