@@ -7,8 +7,8 @@ the network from the file alone, and every load uses `torch.load(..., weights_on
 so a checkpoint can never run code.
 
 Adding an architecture: a DigitCNN subclass whose `layers` builds its two parts (or any
-nn.Module taking a ModelConfig of 3 widths and keeping it as `.config`, with DEFAULT_WIDTHS,
-DEFAULT_DROPOUT and fuse_batchnorm_), decorated with `@register("name")`; `--arch name`
+nn.Module taking a ModelConfig of 3 widths and keeping it as `.config`, with fuse_batchnorm_
+and, optionally, its own DEFAULT_WIDTHS and DEFAULT_DROPOUT), decorated with `@register("name")`; `--arch name`
 then trains it and its checkpoints load.
 """
 
@@ -269,34 +269,39 @@ def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:
         config = config_from_dict(state["model_config"])
         with torch.device("meta"):
             expected = build_model(config).state_dict()  # shapes and dtypes, no memory
-        stored = state["model"]
-        not_tensor = next((key for key, value in stored.items()
-                           if not (isinstance(key, str) and isinstance(value, torch.Tensor))), None)
-        if not_tensor is not None:
-            raise ValueError(f"{not_tensor!r} in its weights is not a named tensor ({type(stored[not_tensor]).__name__})")
-        unexpected = sorted(set(stored) - set(expected))
-        if unexpected:  # before any tensor is read: an extra one may be a huge (stride-0) view
-            raise ValueError(f"its weights hold {unexpected[0]!r}, which the config's model does not have")
-        for key, meta in expected.items():
-            tensor = stored.get(key)
-            if tensor is None or tensor.shape != meta.shape:
-                found = "missing" if tensor is None else tuple(tensor.shape)
-                raise ValueError(f"{key} is {found}, the config needs {tuple(meta.shape)}")
-            if tensor.is_floating_point() != meta.is_floating_point() or tensor.is_complex():
-                raise ValueError(f"{key} holds {str(tensor.dtype).removeprefix('torch.')} values, the model "
-                                 f"{str(meta.dtype).removeprefix('torch.')}")
-        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in stored.values()):
-            raise ValueError("its weights hold NaN or Inf values (a diverged run?)")
-        if any(key.endswith("running_var") and (value < 0).any() for key, value in stored.items()):
-            raise ValueError("its BatchNorm running variances hold negative values (a damaged file?)")
+        _check_weights(state["model"], expected)
         model = build_model(config)
-        model.load_state_dict(stored)
+        model.load_state_dict(state["model"])
     except CheckpointError as e:  # an unknown architecture: name the file too
         raise CheckpointError(f"{path}: {e}") from None
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
         reason = first_sentence(e, skip="Error(s) in loading")  # then the first mismatch
         raise CheckpointError(f"{path}: cannot be used: {reason}; use a checkpoint written by this suite") from None
     return model
+
+
+def _check_weights(stored, expected):
+    """ValueError unless `stored` holds exactly the named tensors of `expected` (a meta model's
+    state_dict), of its shapes and kinds of dtype, finite, with no negative BatchNorm variance."""
+    not_tensor = next((key for key, value in stored.items()
+                       if not (isinstance(key, str) and isinstance(value, torch.Tensor))), None)
+    if not_tensor is not None:
+        raise ValueError(f"{not_tensor!r} in its weights is not a named tensor ({type(stored[not_tensor]).__name__})")
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:  # before any tensor is read: an extra one may be a huge (stride-0) view
+        raise ValueError(f"its weights hold {unexpected[0]!r}, which the config's model does not have")
+    for key, meta in expected.items():
+        tensor = stored.get(key)
+        if tensor is None or tensor.shape != meta.shape:
+            found = "missing" if tensor is None else tuple(tensor.shape)
+            raise ValueError(f"{key} is {found}, the config needs {tuple(meta.shape)}")
+        if tensor.is_floating_point() != meta.is_floating_point() or tensor.is_complex():
+            raise ValueError(f"{key} holds {str(tensor.dtype).removeprefix('torch.')} values, the model "
+                             f"{str(meta.dtype).removeprefix('torch.')}")
+    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in stored.values()):
+        raise ValueError("its weights hold NaN or Inf values (a diverged run?)")
+    if any(key.endswith("running_var") and (value < 0).any() for key, value in stored.items()):
+        raise ValueError("its BatchNorm running variances hold negative values (a damaged file?)")
 
 
 def count_parameters(model) -> int:

@@ -35,11 +35,11 @@ from DigitRecognizerModel import NUM_CLASSES
 from cli import ArgumentParser, UserError, path_argument, ranged, run_command
 from dataloader import find_data, iter_digit_csv, source_files
 from files import Kind, atomic_write_bytes, check_outputs
-from inference import check_each_once, load_models, predict_probs
+from inference import check_each_once, eval_batch_size, load_models, predict_probs
 
 OPSET = 17
 INSTALL_HINT = "pip install -r requirements-export.txt (or: pip install onnx onnxruntime)"
-BATCH_SIZE = 256  # as the torch CPU path (inference.eval_batch_size), so the speeds compare
+BATCH_SIZE = eval_batch_size(torch.device("cpu"))  # as the torch CPU path, so the speeds compare
 
 
 class MissingExtra(UserError):

@@ -199,7 +199,7 @@ def parse_args(argv):
                              "matrix, worst errors and per_class_accuracy.csv here (default: off)")
     parser.add_argument("--probs", default=None, metavar="PATH",
                         help="also write per-class probabilities ImageId,p0..p9 here; the models were trained "
-                             "with label smoothing 0.1, so a sure prediction reads about 0.92, not 1.0 "
+                             "with label smoothing 0.1, so a sure prediction reads about 0.91, not 1.0 "
                              "(default: off)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average over shifted/rotated views (default: as the checkpoints were trained to be "

@@ -79,7 +79,8 @@ def build_parser(parser_class=ArgumentParser):
                              "folder that is removed: a smoke test that writes nothing (default: off)")
     parser.add_argument("--report", default="reports/", metavar="DIR",
                         help="after training, write plots and per_class_accuracy.csv for the submitted predictor "
-                             "on the validation split here; '' = no report (default: reports/)")
+                             "on the validation split (every row, out of fold, under --folds) here; none under "
+                             "--full-train; '' = no report (default: reports/)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars and no per-epoch lines; bars are also off whenever stderr "
                              "is not a terminal (default: off)")
@@ -200,7 +201,7 @@ def load_data(options, recipe, log):
     return DigitDataset(images, labels), test_images
 
 
-def train_members(options, recipe, members, full, device, log, extra=None):
+def train_members(options, members, full, device, log, extra=None):
     """Train every member (on its rows plus the `extra` dataset); returns the histories."""
     histories = []
     for member in members:
@@ -266,7 +267,7 @@ def train_rounds(options, recipe, full, test_images, device, log):
     images too); returns the members submitted, their histories, the validation set, its
     probabilities and the test probabilities."""
     members = plan(recipe, full.labels, options.checkpoint_dir, options.seed)
-    histories = train_members(options, recipe, members, full, device, log)
+    histories = train_members(options, members, full, device, log)
     wait_for_rank_0()  # its best.pt files are complete before any rank reads them
     val_set, val_probs, test_probs = evaluate_members(recipe, members, full, test_images, device, log)
     if recipe.ensemble.pseudo_label:
@@ -274,13 +275,31 @@ def train_rounds(options, recipe, full, test_images, device, log):
         log(f"pseudo-labels: {len(extra):,} of {len(test_images):,} test images at probability >= "
             f"{recipe.ensemble.pseudo_label:g} join every member's training rows for round 2")
         members = plan(recipe, full.labels, os.path.join(options.checkpoint_dir, "round2"), options.seed)
-        histories = train_members(options, recipe, members, full, device, log, extra)
+        histories = train_members(options, members, full, device, log, extra)
         wait_for_rank_0()
         if recipe.ensemble.folds:
             log("note: round 2's out-of-fold figure is slightly optimistic: its pseudo-labels come from round 1's "
                 "whole ensemble, whose other members trained on each member's held-out fold")
         val_set, val_probs, test_probs = evaluate_members(recipe, members, full, test_images, device, log)
     return members, histories, val_set, val_probs, test_probs
+
+
+def check_resumable_folder(options, first):
+    """CheckpointError when --resume finds no last.pt of the run's first member."""
+    if os.path.exists(os.path.join(first.folder, "last.pt")):
+        return
+    other = os.path.join(options.checkpoint_dir, "member1" if first.folder == options.checkpoint_dir else "", "last.pt")
+    hint = (f"but {other} is: resume with the --ensemble and --folds of the run that wrote it"
+            if os.path.exists(other) else "start without --resume")
+    raise CheckpointError(f"{os.path.join(first.folder, 'last.pt')}: nothing to resume (no such file); {hint}")
+
+
+def rebuild_command(options, checkpoints):
+    """The inference.py command that writes the run's submission again from `checkpoints` alone."""
+    as_argument = lambda path: shlex.quote("./" + path if path.startswith("-") else path)  # noqa: E731
+    device = "" if options.device == "auto" else f" --device {options.device}"  # as chosen, also on a GPU machine
+    return (f"python {as_argument(command_path('inference.py'))} --checkpoint {' '.join(map(as_argument, checkpoints))} "
+            f"--input {as_argument(options.data)} --output {as_argument(options.submission)}{device}")
 
 
 def train_and_submit(options, recipe, device, log=print):
@@ -309,12 +328,8 @@ def train_and_submit(options, recipe, device, log=print):
         log(f"one model: --preset {options.preset}'s --mix {preset_mix} applies to ensembles only, so it is off")
     if recipe.ensemble.full_train:
         log(f"full-train: no validation split; the model after epoch {recipe.train.epochs} is the one submitted")
-    if options.resume and not os.path.exists(os.path.join(first.folder, "last.pt")):  # before the lock makes the folder
-        other = os.path.join(options.checkpoint_dir, "member1" if first.folder == options.checkpoint_dir else "",
-                             "last.pt")
-        hint = (f"but {other} is: resume with the --ensemble and --folds of the run that wrote it"
-                if os.path.exists(other) else "start without --resume")
-        raise CheckpointError(f"{os.path.join(first.folder, 'last.pt')}: nothing to resume (no such file); {hint}")
+    if options.resume:  # before the lock makes the folder
+        check_resumable_folder(options, first)
     with folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext():
         if rank == 0 and not options.resume:
             remove_earlier_resume_points(options, recipe)
@@ -330,12 +345,7 @@ def train_and_submit(options, recipe, device, log=print):
     log(f"wrote {options.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
     checkpoints = [os.path.join(m.folder, "best.pt") for m in members]  # under --pseudo-label, round 2's
     if not options.dry_run:
-        script = command_path("inference.py")
-        as_argument = lambda path: shlex.quote("./" + path if path.startswith("-") else path)  # noqa: E731
-        device = "" if options.device == "auto" else f" --device {options.device}"  # as chosen, also on a GPU machine
-        log(f"the same file from the checkpoints alone: python {as_argument(script)} --checkpoint "
-            f"{' '.join(map(as_argument, checkpoints))} --input {as_argument(options.data)} "
-            f"--output {as_argument(options.submission)}{device}")
+        log(f"the same file from the checkpoints alone: {rebuild_command(options, checkpoints)}")
     val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item() if len(val_set) else float("nan")
     return {"histories": histories, "val_accuracy": val_accuracy, "submission": options.submission,
             "checkpoints": checkpoints, "seconds": seconds,

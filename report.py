@@ -13,6 +13,7 @@ index.html are written either way.
 
 import contextlib
 import html
+import importlib
 import io
 import math
 import os
@@ -20,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from dataloader import AugmentConfig, DigitDataset, augment
+from dataloader import IMAGE_SIDE, AugmentConfig, DigitDataset, augment
 from files import Kind, atomic_write_bytes, atomic_write_text, read_head
 
 PER_CLASS_COLUMNS = ["digit", "images", "correct", "accuracy", "most_confused_with", "confused_count"]
@@ -195,7 +196,7 @@ def _save(figure, path):
 
 
 def _show_digit(ax, image, title=None, fontsize=9):
-    ax.imshow(image.reshape(28, 28).numpy(), cmap="gray_r", vmin=0, vmax=255 if image.dtype == torch.uint8 else 1)
+    ax.imshow(image.reshape(IMAGE_SIDE, IMAGE_SIDE).numpy(), cmap="gray_r", vmin=0, vmax=255 if image.dtype == torch.uint8 else 1)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -360,7 +361,7 @@ def _describe(config: AugmentConfig):
     elastic = f"elastic alpha {config.elastic_alpha:g} sigma {config.elastic_sigma:g}" if config.elastic_alpha \
         else "no elastic"
     return (f"rotate ±{config.rotate_deg:g}°, scale ±{config.scale:.0%}, shear ±{config.shear:g}, "
-            f"shift ±{config.shift * 28:.1f} px, {elastic}")
+            f"shift ±{config.shift * IMAGE_SIDE:.1f} px, {elastic}")
 
 
 def plot_augmentation(images, labels, config: AugmentConfig, path, views=AUGMENTED_VIEWS, seed=0):
@@ -368,7 +369,7 @@ def plot_augmentation(images, labels, config: AugmentConfig, path, views=AUGMENT
     picked = torch.cat([torch.nonzero(labels == digit).flatten()[:1] for digit in range(10)])
     originals = images[picked].float().div(255)
     generator = torch.Generator().manual_seed(seed)
-    warped = augment(originals.repeat(views, 1, 1, 1), config, generator).view(views, len(picked), 1, 28, 28)
+    warped = augment(originals.repeat(views, 1, 1, 1), config, generator).view(views, len(picked), 1, IMAGE_SIDE, IMAGE_SIDE)
     figure = _new_figure(len(picked) * 1.1 + 1.0, (views + 1) * 1.15 + 0.5)
     axes = figure.subplots(views + 1, len(picked), squeeze=False)
     for column, index in enumerate(picked.tolist()):
@@ -569,12 +570,13 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
         unsure = least_confident_rows(test_probabilities, HTML_ROWS)
         paths["least_confident_test.csv"] = write_csv_rows(target("least_confident_test.csv"), UNSURE_COLUMNS, unsure)
     try:
-        import matplotlib  # noqa: F401  (only to learn whether figures can be drawn)
-        figures = _draw_figures(target, dataset, name, matrix, rows, mistakes, history, augment_config, train_set,
-                                (test_images, test_probabilities, unsure))
+        importlib.import_module("matplotlib")  # only to learn whether figures can be drawn
     except ImportError:
         log(SKIPPED_NO_MATPLOTLIB)
         figures = {}
+    else:
+        figures = _draw_figures(target, dataset, name, matrix, rows, mistakes, history, augment_config, train_set,
+                                (test_images, test_probabilities, unsure))
     paths.update(figures)
     sections = _index_sections(name, figures, rows, mistakes, unsure, history, len(labels),
                                None if test_probabilities is None else len(test_probabilities),

@@ -38,7 +38,7 @@ HISTORY = Kind("a history.csv", (",".join(HISTORY_COLUMNS) + "\n").encode())
 
 
 class TrainingDiverged(Exception):
-    """The loss became NaN or Inf."""
+    """The loss, the weights or the BatchNorm statistics became NaN or Inf."""
 
 
 MOMENTUM_DIP = 0.1  # the one-cycle momentum falls from --momentum to this much below it as the LR peaks

@@ -109,11 +109,15 @@ def test_two_processes_interrupted_then_resumed_match_the_uninterrupted_run(data
 
 
 def test_batch_size_must_divide_over_processes(monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "3")
+    for name, value in {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29500"}.items():  # as torchrun sets them
+        monkeypatch.setenv(name, value)
+    assert main.parse_args(["--batch-size", "129"])[1].train.batch_size == 129
     with pytest.raises(SystemExit) as exit_info:
         main.parse_args(["--batch-size", "128"])
     assert exit_info.value.code == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size 128 is the global batch; it must divide evenly over the 3 process" in err[0]
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
