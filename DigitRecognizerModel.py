@@ -306,5 +306,3 @@ def _check_weights(stored, expected):
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
