@@ -30,4 +30,3 @@ def test_bench_refuses_to_write_over_its_input_and_data_too_small_to_time(kaggle
     code, _, err = cli(capsys, bench, "--quick", "--data", kaggle_dir, "--output", "bench.json")
     assert_user_error(code, err, "train.csv rows; bench.py times whole epochs")
     assert snapshot(kaggle_dir) == before
-
