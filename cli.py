@@ -141,7 +141,7 @@ def add_setting_flags(parser, config, notes=None):
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
-            kwargs.update(type=_checked(int, meta), nargs="+", metavar="N")
+            kwargs.update(type=_checked(int, meta), nargs=len(default), metavar="N")  # --widths N N N
         elif meta["choices"] is not None:
             kwargs["choices"] = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
         else:

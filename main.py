@@ -107,8 +107,6 @@ def parse_args(argv, parser_class=ArgumentParser):
     if not options.checkpoint_dir:
         parser.error("--checkpoint-dir is empty; give a folder path (default: checkpoints)")
     options.checkpoint_dir = os.path.normpath(options.checkpoint_dir)  # 'x/../ck' is ck, and makes no x
-    if len(recipe.model.widths) != 3:
-        parser.error(f"--widths takes 3 numbers, got {len(recipe.model.widths)}")
     folds = recipe.ensemble.folds
     if folds == 1 or (folds and (recipe.ensemble.full_train or recipe.ensemble.ensemble > 1)):
         parser.error("--folds K takes K >= 2 and makes the K members itself: drop --ensemble and --full-train, "

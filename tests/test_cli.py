@@ -148,7 +148,7 @@ def test_an_architecture_registered_in_one_file_trains_and_predicts(capsys, tmp_
     monkeypatch.setattr(DigitRecognizerModel, "ARCHITECTURES", dict(DigitRecognizerModel.ARCHITECTURES))
     DigitRecognizerModel.register("toy")(Toy)
     write_data(tmp_path / "data")
-    code, _, err = cli(capsys, main, "--arch", "toy", "--widths", "1", *TINY)
+    code, _, err = cli(capsys, main, "--arch", "toy", *TINY)
     assert (code, err) == (0, [])
     state = DigitRecognizerModel.load_checkpoint("checkpoints/best.pt")
     assert state["model_config"]["arch"] == "toy" and set(state["model"]) == {"linear.weight", "linear.bias"}

@@ -209,7 +209,7 @@ def test_main_on_a_slice_of_the_real_data(tmp_path):
     (["--ema", "1"], "--ema: 1 is out of range; it must be in [0, 1)"),
     (["--momentum", "0"], "--momentum: 0 is out of range; it must be in [0.1, 1)"),  # Nesterov needs momentum
     (["--widths", "100000", "100000", "100000"], "--widths: 100000 is out of range"),
-    (["--widths", "8", "16"], "--widths takes 3 numbers"),
+    (["--widths", "8", "16"], "argument --widths: expected 3 arguments"),
     (["--label-smoothing", "1.5"], "--label-smoothing: 1.5 is out of range"),
     (["--seed", "100000000000000000"], "--seed: 100000000000000000 is out of range; it must be in [0, 2147483647]"),
     (["--batch-size", "1"], "--batch-size: 1 is out of range"),  # BatchNorm needs 2 images
