@@ -125,6 +125,7 @@ def check_each_once(paths):
 def predict_probs(models, images, device, tta=False):
     """Class probabilities (N, classes), averaged over models and (with tta) views."""
     views = TTA_VIEWS if tta else TTA_VIEWS[:1]
+    images = images.to(device)  # once, not once per model and view
     total = None
     for model in models:
         for view in views:

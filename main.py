@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from DigitRecognizerModel import CHECKPOINT, CheckpointError, build_model, own_defaults
+from DigitRecognizerModel import CHECKPOINT, NUM_CLASSES, CheckpointError, build_model, own_defaults
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, escape_unprintable_output, fail,
                  flatten_settings, launched_world_size, path_argument, ranged, replace_settings,
                  settings_from_flags, sigterm_as_interrupt)
@@ -43,8 +43,8 @@ from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, folder_lock
 from inference import SUBMISSION, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
 from report import report_files, write_report
-from trainer import (HISTORY, TrainingDiverged, close_distributed, init_distributed, rank_and_world_size, train,
-                     wait_for_rank_0)
+from trainer import (HISTORY, TrainingDiverged, close_distributed, init_distributed, rank_and_world_size,
+                     share_from_rank_0, train)
 
 CHECKPOINT_FILES = {"best.pt": CHECKPOINT, "last.pt": CHECKPOINT, "history.csv": HISTORY}  # in each member's folder
 DRY_RUN_ROWS = 1000  # train.csv rows (at least) and test.csv rows a dry run trains and predicts on
@@ -243,6 +243,19 @@ def evaluate_members(recipe, members, full, test_images, device, log):
     return val_set, val_probs, predict(models, test_images)
 
 
+def evaluate_on_rank_0(recipe, members, full, test_images, device, log):
+    """evaluate_members by rank 0, which wrote the best.pt files (another machine's ranks may not
+    see its disk, nor another rank a dry run's temporary folder); the other ranks get its test
+    probabilities, so round 2's pseudo-labels are the same everywhere, and no validation set."""
+    rank, _ = rank_and_world_size()
+    if rank == 0:
+        val_set, val_probs, test_probs = evaluate_members(recipe, members, full, test_images, device, log)
+    else:
+        val_set, val_probs = full.subset(torch.arange(0)), torch.zeros(0, NUM_CLASSES)
+        test_probs = torch.zeros(len(test_images), NUM_CLASSES)
+    return val_set, val_probs, share_from_rank_0(test_probs, device)
+
+
 def write_run_report(options, recipe, histories, sets, probabilities, seconds, log):
     """reports/ for the submitted predictor: validation errors, test-set confidence, the recipe."""
     full, val_set, test_images = sets
@@ -266,19 +279,17 @@ def train_rounds(options, recipe, full, test_images, device, log):
     probabilities and the test probabilities."""
     members = plan(recipe, full.labels, options.checkpoint_dir, options.seed)
     histories = train_members(options, members, full, device, log)
-    wait_for_rank_0()  # its best.pt files are complete before any rank reads them
-    val_set, val_probs, test_probs = evaluate_members(recipe, members, full, test_images, device, log)
+    val_set, val_probs, test_probs = evaluate_on_rank_0(recipe, members, full, test_images, device, log)
     if recipe.ensemble.pseudo_label:
         extra = pseudo_labelled(test_images, test_probs, recipe.ensemble.pseudo_label)
         log(f"pseudo-labels: {len(extra):,} of {len(test_images):,} test images at probability >= "
             f"{recipe.ensemble.pseudo_label:g} join every member's training rows for round 2")
         members = plan(recipe, full.labels, os.path.join(options.checkpoint_dir, "round2"), options.seed)
         histories = train_members(options, members, full, device, log, extra)
-        wait_for_rank_0()
         if recipe.ensemble.folds:
             log("note: round 2's out-of-fold figure is slightly optimistic: its pseudo-labels come from round 1's "
                 "whole ensemble, whose other members trained on each member's held-out fold")
-        val_set, val_probs, test_probs = evaluate_members(recipe, members, full, test_images, device, log)
+        val_set, val_probs, test_probs = evaluate_on_rank_0(recipe, members, full, test_images, device, log)
     return members, histories, val_set, val_probs, test_probs
 
 
@@ -374,8 +385,9 @@ def dry_run_outputs(options, recipe, log):
     try:
         yield
         reported = options.report and not recipe.ensemble.full_train  # --full-train writes no report
-        log(f"dry run: everything worked; its outputs (in {folder}{', the report too' if reported else ''}) "
-            f"were temporary and are removed now, nothing else was written")
+        if rank_and_world_size()[0] == 0:  # one line, not one per torchrun process
+            log(f"dry run: everything worked; its outputs (in {folder}{', the report too' if reported else ''}) "
+                f"were temporary and are removed now, nothing else was written")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

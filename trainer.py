@@ -74,7 +74,11 @@ def init_distributed(device):
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, torch.get_num_threads() // local_processes))
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= gpus:  # torch.cuda.set_device would fail with "invalid device ordinal"
+            raise UserError(f"LOCAL_RANK={local_rank}, but this machine shows {gpus} GPU(s); start at most {gpus} "
+                            f"process(es) per machine (--nproc_per_node), or check CUDA_VISIBLE_DEVICES")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     # Joining waits for the peers inside native code, where no Python handler (Ctrl-C's
     # KeyboardInterrupt, SIGTERM as one) ever runs: the default actions stop it at once.
@@ -103,10 +107,14 @@ def close_distributed(wait_for_peers=False):
         dist.destroy_process_group()
 
 
-def wait_for_rank_0():
-    """A barrier: every rank waits here until all (rank 0 and its writes included) arrive."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def share_from_rank_0(tensor, device):
+    """`tensor` as rank 0 holds it, on every rank (each passes one of the same shape and dtype);
+    `tensor` itself without a process group. nccl sends device tensors, so it travels on `device`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    shared = tensor.to(device)
+    dist.broadcast(shared, src=0)
+    return shared.to(tensor.device)
 
 
 def rank_and_world_size():
@@ -418,6 +426,8 @@ class Trainer:
         train_loss, train_accuracy = self.train_epoch(epoch)
         tensors = [*self.model.parameters(), *self.model.buffers(), *self.eval_model.parameters()]  # BatchNorm's too
         weights_finite = all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+        if dist.is_available() and dist.is_initialized():  # BatchNorm statistics are per rank: all stop, or none
+            weights_finite = _sum_over_ranks([not weights_finite], self.device).item() == 0
         if not (math.isfinite(train_loss) and weights_finite):  # the diverged epoch is never saved
             kept = f"; {self.paths['best.pt']} keeps the best weights up to epoch {epoch}" if epoch else ""
             what = (f"loss became {train_loss}" if not math.isfinite(train_loss)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import main
+import trainer
 from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
 from conftest import ROOT, cli, make_digits, write_csv
 
@@ -106,6 +107,23 @@ def test_two_processes_interrupted_then_resumed_match_the_uninterrupted_run(data
         state, reference = load_checkpoint(str(cut / "ck" / name)), load_checkpoint(str(whole / "ck" / name))
         assert all(torch.equal(state["model"][k], reference["model"][k]) for k in reference["model"]), name
     assert (cut / "sub.csv").read_bytes() == (whole / "sub.csv").read_bytes()
+
+
+def test_a_dry_run_under_torchrun_evaluates_on_rank_0_and_shares_its_pseudo_labels(data_dir, tmp_path):
+    """Each rank's dry run has a temporary folder of its own, as ranks on two machines have two
+    disks: only rank 0, which wrote the best.pt files, reads them; round 2 trains on its pseudo-labels."""
+    result = train(data_dir, tmp_path / "ddp", TORCHRUN, "--dry-run", "--folds", "2", "--pseudo-label", "0.5")
+    assert result.stdout.count("dry run: everything worked") == 1 and result.stdout.count("pseudo-labels: ") == 1
+    assert not (tmp_path / "ddp").exists()
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(trainer.UserError, match=r"^LOCAL_RANK=1, but this machine shows 1 GPU\(s\); start at most 1"):
+        trainer.init_distributed(torch.device("cuda"))
 
 
 def test_batch_size_must_divide_over_processes(monkeypatch, capsys):
