@@ -231,7 +231,11 @@ class _LineBoundedReader(io.BufferedIOBase):
             if block[:2] in (b"\xff\xfe", b"\xfe\xff"):
                 raise DataError(f"{self._label}: is UTF-16 text (it starts with a UTF-16 byte order mark); save it "
                                 f"as UTF-8 or plain ASCII, as Kaggle ships it")
-            if block.removeprefix(b"\xef\xbb\xbf")[:1] in (b"\n", b"\r"):  # pandas would miscount, or fail
+            if block.startswith((b"\x1f\x8b", b"PK\x03\x04")):  # e.g. <(gzip -c test.csv), or a .gz renamed .csv
+                kind = "gzip" if block.startswith(b"\x1f\x8b") else "zip"
+                raise DataError(f"{self._label}: is {kind}-compressed data, not CSV text; pass it as a file named "
+                                f".{'gz' if kind == 'gzip' else 'zip'}, or decompressed (zcat, unzip -p)")
+            if block.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t")[:1] in (b"\n", b"\r"):  # pandas: miscount, fail
                 raise DataError(f"{self._label}: line 1 is blank; the header line (label,pixel0,... in train.csv, "
                                 f"pixel0,... in test.csv) must come first: delete the blank lines above it")
         counted = 1 if self._ended_in_cr and block.startswith(b"\n") else 0  # its "\r" was counted already

@@ -188,8 +188,8 @@ def run(args, log=print):
     check_outputs([("--output", args.output, ONNX_GRAPH)],
                   [*args.checkpoint, *source_files(args.input or "", "test.csv")])
     require("onnx", *(["onnxruntime"] if args.check else []))  # before loading anything
-    check_each_once(args.checkpoint)
     models = load_models(args.checkpoint, torch.device("cpu"))
+    check_each_once(args.checkpoint)  # once each is known to be a checkpoint
     graph = to_onnx(models, args.opset)
     result = None
     if args.check:

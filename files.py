@@ -56,7 +56,8 @@ def atomic_open(path, mode="w"):
         fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-",  # a long "extension" must not make it too long
                                         suffix=extension if len(os.fsencode(extension)) <= 16 else "")
         # mkstemp makes 0600 files: keep the replaced file's permissions, else give the usual ones
-        os.chmod(tmp_path, stat.S_IMODE(os.stat(target).st_mode) if os.path.isfile(target) else 0o666 & ~_UMASK)
+        # (permission bits only: never a setuid or setgid bit on a file this suite writes)
+        os.chmod(tmp_path, os.stat(target).st_mode & 0o777 if os.path.isfile(target) else 0o666 & ~_UMASK)
         # surrogateescape: a file name from argv that is not UTF-8 is written back as its own bytes
         text = {} if "b" in mode else {"newline": "", "errors": "surrogateescape"}
         with open(fd, mode, **text) as f:

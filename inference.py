@@ -114,12 +114,19 @@ def check_each_once(paths):
             raise UserError(f"--checkpoint {path}: is {seen[inode]} again; each checkpoint counts once in the "
                             f"average, so give it once")
         if stat.S_ISREG(status.st_mode):
-            copied = next((other for other in by_size[status.st_size] if filecmp.cmp(other, path, shallow=False)), None)
+            copied = next((other for other in by_size[status.st_size] if _same_bytes(other, path)), None)
             if copied is not None:
                 raise UserError(f"--checkpoint {path}: holds the same bytes as {copied}, so the same model; each "
                                 f"model counts once in the average, so give it once")
             by_size[status.st_size].append(path)
         seen[inode] = path
+
+
+def _same_bytes(path, other):
+    try:
+        return filecmp.cmp(path, other, shallow=False)
+    except OSError:  # unreadable: loading it says so
+        return False
 
 
 def predict_probs(models, images, device, tta=False):
@@ -233,9 +240,9 @@ def run(args, log=print):
     args.input = find_data(args.input, names=(name,))  # data/, the Kaggle CLI's zip, or a notebook's input
     inputs = [*args.checkpoint, *source_files(args.input, name)]
     check_outputs(planned_outputs(args), inputs)
-    check_each_once(args.checkpoint)
     device = choose_device(args.device)
     states = [load_checkpoint(path) for path in args.checkpoint]
+    check_each_once(args.checkpoint)  # once each is known to be a checkpoint
     models = [ready_to_predict(state, path, device) for state, path in zip(states, args.checkpoint)]
     if args.tta is None:
         args.tta = trained_with_tta(states, log)

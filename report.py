@@ -65,22 +65,17 @@ def _holds_its_kind(path):
     return False
 
 
-def _figure_kind(report_dir):
-    """The Kind of a figure this suite wrote into `report_dir`, as it is before a report starts."""
-    return _EARLIER_FIGURE if any(_holds_its_kind(os.path.join(report_dir, name))
-                                  for name in ("index.html", "per_class_accuracy.csv")) else _FIGURE
-
-
-def _remove_earlier(report_dir, written, figure_kind):
+def _remove_earlier(report_dir, written):
     """Delete what an earlier report left here and this one did not write (its curves, its test
-    set), so the folder holds one report; only files of this suite's kinds. Returns how many."""
+    set), so the folder holds one report: only files that carry this suite's mark (figures
+    without it may be the user's). Returns how many."""
     removed = 0
     for name, (kind, _) in REPORT_FILES.items():
         path = os.path.join(report_dir, name)
         if name in written or os.path.islink(path) or not os.path.isfile(path):
             continue
         with contextlib.suppress(OSError):
-            if (kind or figure_kind).wrote(read_head(path)):
+            if (kind or _FIGURE).wrote(read_head(path)):
                 os.remove(path)
                 removed += 1
     return removed
@@ -89,7 +84,8 @@ def _remove_earlier(report_dir, written, figure_kind):
 def report_files(report_dir, training_run=True):
     """[(path, Kind)] of every file a report may write into `report_dir` (checked before a run
     starts); a report on a labelled file (inference.py --report) has no curves and no test set."""
-    figure = _figure_kind(report_dir)
+    figure = _EARLIER_FIGURE if any(_holds_its_kind(os.path.join(report_dir, name))
+                                    for name in ("index.html", "per_class_accuracy.csv")) else _FIGURE
     return [(os.path.join(report_dir, name), kind or figure) for name, (kind, training_only) in REPORT_FILES.items()
             if training_run or not training_only]
 
@@ -556,7 +552,6 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
     def target(file_name):
         return os.path.join(report_dir, file_name)
 
-    figure_kind = _figure_kind(report_dir)  # before this report's page stands there
     # index.html goes last; until then it says so, so a report cut short never shows an
     # earlier run's page over this run's files
     atomic_write_text(target("index.html"), render_index_html(f"{TITLE}: being written", {}, {}, [
@@ -584,7 +579,7 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
     summary = {f"{name} accuracy": 1 - len(mistakes) / max(len(labels), 1), f"{name} images": len(labels),
                "mistakes": len(mistakes), **(summary or {})}
     page = render_index_html(f"{TITLE}: {name}", summary, recipe or {}, sections, list(paths))
-    removed = _remove_earlier(report_dir, [*paths, "index.html"], figure_kind)
+    removed = _remove_earlier(report_dir, [*paths, "index.html"])
     paths["index.html"] = target("index.html")
     atomic_write_text(paths["index.html"], page)
     log(f"report: wrote {len(paths)} files to {report_dir}"

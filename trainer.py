@@ -64,15 +64,12 @@ class TrainConfig:
 def init_distributed(device):
     """Join torchrun's process group when WORLD_SIZE > 1; returns this process's device.
 
-    Plain `python main.py` (no WORLD_SIZE) gets no process group and the device unchanged.
+    Plain `python main.py` (no WORLD_SIZE) gets no process group and the device unchanged. A
+    second run in one process (run() twice in a notebook under torchrun) keeps the group it
+    joined: joining torchrun's store again can hang.
     """
     if launched_world_size() == 1:
         return device
-    # torch obeys OMP_NUM_THREADS, which torchrun sets to 1 when it starts several processes
-    # per node (unless the user set it); without it, the node's cores are shared out.
-    if "OMP_NUM_THREADS" not in os.environ:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, torch.get_num_threads() // local_processes))
     if device.type == "cuda":
         local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
         if local_rank >= gpus:  # torch.cuda.set_device would fail with "invalid device ordinal"
@@ -80,6 +77,13 @@ def init_distributed(device):
                             f"process(es) per machine (--nproc_per_node), or check CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    if dist.is_initialized():  # joined, and threads shared out, by an earlier run in this process
+        return device
+    # torch obeys OMP_NUM_THREADS, which torchrun sets to 1 when it starts several processes
+    # per node (unless the user set it); without it, the node's cores are shared out.
+    if "OMP_NUM_THREADS" not in os.environ:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_processes))
     # Joining waits for the peers inside native code, where no Python handler (Ctrl-C's
     # KeyboardInterrupt, SIGTERM as one) ever runs: the default actions stop it at once.
     # Nothing is written yet.

@@ -117,6 +117,25 @@ def test_a_dry_run_under_torchrun_evaluates_on_rank_0_and_shares_its_pseudo_labe
     assert not (tmp_path / "ddp").exists()
 
 
+RUN_TWICE = """
+import sys
+sys.path.insert(0, {root!r})
+from main import run
+for n in range(2):  # a notebook cell run twice under torchrun: the second joins a new process group
+    results = run(data={data!r}, checkpoint_dir={out!r} + f"/ck{{n}}", submission={out!r} + f"/sub{{n}}.csv",
+                  preset="fast", epochs=1, batch_size=32, report=False, device="cpu")
+    print("run", n, "ok")
+"""
+
+
+def test_run_twice_in_one_torchrun_process(data_dir, tmp_path):
+    script = tmp_path / "twice.py"
+    script.write_text(RUN_TWICE.format(root=ROOT, data=str(data_dir), out=str(tmp_path)))
+    result = train(data_dir, tmp_path / "unused", TORCHRUN, script=str(script))
+    assert result.stdout.count("run 1 ok") == 2  # both processes
+    assert all((tmp_path / f"sub{n}.csv").exists() for n in range(2))
+
+
 def test_more_processes_than_gpus_is_one_line(monkeypatch):
     for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "localhost",
                         "MASTER_PORT": "29500"}.items():

@@ -331,14 +331,18 @@ def test_inference_report_replaces_an_earlier_report_whole(tmp_path, checkpoint,
     shutil.copytree(full_report["folder"], "rep")
     user_png = PNG_SIGNATURE + b"not drawn by this suite"
     open("rep/augmentation.png", "wb").write(user_png)
+    from matplotlib.figure import Figure
+    Figure().savefig("rep/learning_curves.png")  # the user's own matplotlib figure, without this suite's mark
+    users_figure = open("rep/learning_curves.png", "rb").read()
     open("rep/notes.txt", "w").write("mine")
     os.mkdir("data")
     write_csv(tmp_path / "data" / "train.csv", *make_digits(50, seed=4))
     assert inference.main(["--checkpoint", checkpoint, "--input", "data", "--report", "rep"]) == 0
     written = PNGS - {"learning_curves.png", "augmentation.png"} | TABLES
-    assert set(os.listdir("rep")) == written | {"augmentation.png", "notes.txt"}
+    assert set(os.listdir("rep")) == written | {"augmentation.png", "learning_curves.png", "notes.txt"}
     assert open("rep/augmentation.png", "rb").read() == user_png and open("rep/notes.txt").read() == "mine"
-    assert "report: wrote 6 files to rep, removed 4 of an earlier report" in capsys.readouterr().out
+    assert open("rep/learning_curves.png", "rb").read() == users_figure
+    assert "report: wrote 6 files to rep, removed 3 of an earlier report" in capsys.readouterr().out
     page = open("rep/index.html").read()
     assert "train.csv: where the model fails" in page and "(line: train.csv line (header = line 1))" in page
 
@@ -373,11 +377,11 @@ def test_inference_report_blames_a_bad_cell_not_the_labels(tmp_path, checkpoint,
 def test_a_replaced_output_keeps_its_permissions(tmp_path, checkpoint):
     test_csv = write_csv(tmp_path / "test.csv", make_digits(20, seed=3)[0])
     submission = tmp_path / "submission.csv"
-    for mode in (0o600, 0o640):
+    for mode, kept in ((0o600, 0o600), (0o640, 0o640), (0o6755, 0o755)):  # never a setuid or setgid bit
         submission.write_text("ImageId,Label\n")
         submission.chmod(mode)
         assert inference.main(["--checkpoint", checkpoint, "--input", test_csv, "--output", str(submission)]) == 0
-        assert stat.S_IMODE(submission.stat().st_mode) == mode and len(submission.read_text().splitlines()) == 21
+        assert stat.S_IMODE(submission.stat().st_mode) == kept and len(submission.read_text().splitlines()) == 21
 
 
 def test_inference_report_needs_labelled_input(tmp_path, checkpoint, capsys):

@@ -879,6 +879,15 @@ def test_one_checkpoint_given_twice_is_refused_as_it_would_count_double(capsys, 
     assert snapshot(tmp_path) == before
 
 
+def test_two_identical_files_that_are_no_checkpoints_are_called_what_they_are(capsys, tmp_path, out, monkeypatch):
+    monkeypatch.chdir(out)
+    open("e1.pt", "w").close()
+    open("e2.pt", "w").close()
+    code, _, err = cli(capsys, inference, "--checkpoint", "e1.pt", "e2.pt", "--input",
+                       write_data(tmp_path / "data") / "test.csv", "--output", tmp_path / "x.csv")
+    assert_user_error(code, err, "e1.pt: not a readable checkpoint")
+
+
 def test_the_logged_rebuild_command_keeps_the_chosen_device(capsys, tmp_path, out):
     """A GPU machine's `inference.py` would otherwise pick cuda for a run trained with --device cpu."""
     argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
