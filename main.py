@@ -307,7 +307,8 @@ def rebuild_command(options, checkpoints):
     """The inference.py command that writes the run's submission again from `checkpoints` alone."""
     as_argument = lambda path: shlex.quote("./" + path if path.startswith("-") else path)  # noqa: E731
     device = "" if options.device == "auto" else f" --device {options.device}"  # as chosen, also on a GPU machine
-    return (f"python {as_argument(command_path('inference.py'))} --checkpoint {' '.join(map(as_argument, checkpoints))} "
+    return (f"python {as_argument(command_path('inference.py'))} "
+            f"--checkpoint {' '.join(map(as_argument, checkpoints))} "
             f"--input {as_argument(options.data)} --output {as_argument(options.submission)}{device}")
 
 

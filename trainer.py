@@ -77,7 +77,7 @@ def init_distributed(device):
                             f"process(es) per machine (--nproc_per_node), or check CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if dist.is_initialized():  # joined, and threads shared out, by an earlier run in this process
+    if dist.is_available() and dist.is_initialized():  # joined, threads shared out, by an earlier run here
         return device
     # torch obeys OMP_NUM_THREADS, which torchrun sets to 1 when it starts several processes
     # per node (unless the user set it); without it, the node's cores are shared out.
