@@ -94,44 +94,49 @@ def parse_args(argv, parser_class=ArgumentParser):
     parser = build_parser(parser_class)
     options = parser.parse_args(argv)
     recipe = settings_from_flags(options, preset(options.preset))
-    try:
-        world_size = launched_world_size()
-    except UserError as e:
-        parser.error(str(e))
-    if recipe.train.batch_size % world_size or recipe.train.batch_size < 2 * world_size:
-        parser.error(f"--batch-size {recipe.train.batch_size} is the global batch; it must divide evenly "
-                     f"over the {world_size} process(es), at least 2 images each (BatchNorm needs 2)")
     if options.arch is not None:  # --arch deotte: deotte's own widths and dropout, unless given too
         own = {name: value for name, value in own_defaults(recipe.model.arch).items() if getattr(options, name) is None}
         recipe = replace_settings(recipe, own)
-    if not options.checkpoint_dir:
-        parser.error("--checkpoint-dir is empty; give a folder path (default: checkpoints)")
+    try:
+        refuse_impossible(options, recipe)
+    except UserError as e:
+        parser.error(str(e))
     options.checkpoint_dir = os.path.normpath(options.checkpoint_dir)  # 'x/../ck' is ck, and makes no x
-    folds = recipe.ensemble.folds
-    if folds == 1 or (folds and (recipe.ensemble.full_train or recipe.ensemble.ensemble > 1)):
-        parser.error("--folds K takes K >= 2 and makes the K members itself: drop --ensemble and --full-train, "
-                     "or use --folds 0")
-    if recipe.train.best_epoch and (folds or recipe.ensemble.full_train):
-        why = ("--folds scores those rows out of fold, and picking on them would make that figure optimistic"
-               if folds else "--full-train leaves none")
-        parser.error(f"--best-epoch picks each model's epoch on its validation rows, but {why}: drop --best-epoch")
-    if options.mix not in (None, "none") and member_count(recipe) == 1:
-        parser.error(f"--mix {options.mix} makes every other member of an ensemble another architecture, but this "
-                     f"run trains one model: add --folds K or --ensemble N, or drop --mix")
-    if options.mix_epochs and (recipe.ensemble.mix == "none" or member_count(recipe) == 1):  # given, not a preset's
-        fix = "add --mix ARCH" if recipe.ensemble.mix == "none" else "add --folds K or --ensemble N"
-        parser.error(f"--mix-epochs {options.mix_epochs} sets the epochs of the --mix members, but this run has "
-                     f"none: {fix}, or drop --mix-epochs")
     if member_count(recipe) == 1 and recipe.ensemble.mix != "none":  # a preset's --mix, e.g. best --folds 0
         recipe = replace_settings(recipe, {"mix": "none", "mix_epochs": 0})  # the checkpoints say what trained
-    if options.elastic_sigma is not None and not recipe.augment.elastic_alpha:
-        parser.error(f"--elastic-sigma {options.elastic_sigma:g} shapes the elastic distortion, which is off: add "
-                     f"--elastic PIXELS, or drop --elastic-sigma")
-    if options.dry_run and options.resume:
-        parser.error("--dry-run writes into a temporary folder, so there is nothing to --resume there; drop one")
     if options.dry_run:  # one epoch of one batch per member
         recipe = replace_settings(recipe, {"epochs": 1, "mix_epochs": 0})
     return options, recipe
+
+
+def refuse_impossible(options, recipe):
+    """UserError for flags that cannot go together, or that this run would silently ignore."""
+    world_size = launched_world_size()
+    if recipe.train.batch_size % world_size or recipe.train.batch_size < 2 * world_size:
+        raise UserError(f"--batch-size {recipe.train.batch_size} is the global batch; it must divide evenly "
+                        f"over the {world_size} process(es), at least 2 images each (BatchNorm needs 2)")
+    if not options.checkpoint_dir:
+        raise UserError("--checkpoint-dir is empty; give a folder path (default: checkpoints)")
+    folds = recipe.ensemble.folds
+    if folds == 1 or (folds and (recipe.ensemble.full_train or recipe.ensemble.ensemble > 1)):
+        raise UserError("--folds K takes K >= 2 and makes the K members itself: drop --ensemble and --full-train, "
+                        "or use --folds 0")
+    if recipe.train.best_epoch and (folds or recipe.ensemble.full_train):
+        why = ("--folds scores those rows out of fold, and picking on them would make that figure optimistic"
+               if folds else "--full-train leaves none")
+        raise UserError(f"--best-epoch picks each model's epoch on its validation rows, but {why}: drop --best-epoch")
+    if options.mix not in (None, "none") and member_count(recipe) == 1:
+        raise UserError(f"--mix {options.mix} makes every other member of an ensemble another architecture, but "
+                        f"this run trains one model: add --folds K or --ensemble N, or drop --mix")
+    if options.mix_epochs and (recipe.ensemble.mix == "none" or member_count(recipe) == 1):  # given, not a preset's
+        fix = "add --mix ARCH" if recipe.ensemble.mix == "none" else "add --folds K or --ensemble N"
+        raise UserError(f"--mix-epochs {options.mix_epochs} sets the epochs of the --mix members, but this run has "
+                        f"none: {fix}, or drop --mix-epochs")
+    if options.elastic_sigma is not None and not recipe.augment.elastic_alpha:
+        raise UserError(f"--elastic-sigma {options.elastic_sigma:g} shapes the elastic distortion, which is off: add "
+                        f"--elastic PIXELS, or drop --elastic-sigma")
+    if options.dry_run and options.resume:
+        raise UserError("--dry-run writes into a temporary folder, so there is nothing to --resume there; drop one")
 
 
 def round_folders(options, recipe):
