@@ -21,7 +21,8 @@ from recipe import Recipe
 TINY = ["--epochs", "1", "--widths", "4", "8", "8", "--batch-size", "32", "--report", "", "--device", "cpu"]
 
 
-def write_data(folder):
+def write_synthetic_kaggle_data(folder):
+    """train.csv (200 rows) and test.csv (30) of synthetic digits, in a new folder."""
     folder.mkdir(parents=True)
     write_csv(folder / "train.csv", *make_digits(200, seed=1))
     write_csv(folder / "test.csv", make_digits(30, seed=2)[0])
@@ -31,16 +32,16 @@ def write_data(folder):
 def put_data(where, tmp_path, kaggle_input):
     """The synthetic Kaggle data where a newcomer may have it; returns the folder to keep unchanged."""
     if where == "data/ CSVs":
-        return write_data(tmp_path / "data")
+        return write_synthetic_kaggle_data(tmp_path / "data")
     if where == "data/digit-recognizer.zip (Kaggle CLI)":
-        csvs = write_data(tmp_path / "unzipped")
+        csvs = write_synthetic_kaggle_data(tmp_path / "unzipped")
         (tmp_path / "data").mkdir()
         with zipfile.ZipFile(tmp_path / "data" / "digit-recognizer.zip", "w") as archive:
             for name in ("train.csv", "test.csv"):
                 archive.write(csvs / name, name)
         shutil.rmtree(csvs)
         return tmp_path / "data"
-    return write_data(kaggle_input / "digit-recognizer")  # a Kaggle Notebook's read-only input
+    return write_synthetic_kaggle_data(kaggle_input / "digit-recognizer")  # a Kaggle Notebook's read-only input
 
 
 @pytest.mark.parametrize("where", ["data/ CSVs", "data/digit-recognizer.zip (Kaggle CLI)", "Kaggle Notebook input"])
@@ -99,7 +100,7 @@ def test_help_shows_every_setting_flag_with_its_default_and_the_preset_differenc
 # ----------------------------------------------------------------------------- Python entry point
 
 def test_run_returns_the_results_and_raises_user_error(tmp_path, kaggle_input):
-    data = write_data(tmp_path / "d")
+    data = write_synthetic_kaggle_data(tmp_path / "d")
     lines = []
     results = main.run(data=str(data), epochs=1, widths=(4, 8, 8), batch_size=32, report="", device="cpu",
                        checkpoint_dir="ck", submission="sub.csv", log=lines.append)
@@ -147,7 +148,7 @@ class Toy(nn.Module):
 def test_an_architecture_registered_in_one_file_trains_and_predicts(capsys, tmp_path, monkeypatch, kaggle_input):
     monkeypatch.setattr(DigitRecognizerModel, "ARCHITECTURES", dict(DigitRecognizerModel.ARCHITECTURES))
     DigitRecognizerModel.register("toy")(Toy)
-    write_data(tmp_path / "data")
+    write_synthetic_kaggle_data(tmp_path / "data")
     code, _, err = cli(capsys, main, "--arch", "toy", *TINY)
     assert (code, err) == (0, [])
     state = DigitRecognizerModel.load_checkpoint("checkpoints/best.pt")
