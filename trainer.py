@@ -205,23 +205,15 @@ class EMA:
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model, dataset: DigitDataset, device, max_batches=0):
-    """{'loss', 'accuracy', 'predictions' (N,), 'probabilities' (N, classes)} on a labelled dataset.
-
-    Loss and accuracy are NaN for an empty dataset; predictions and probabilities are on the CPU.
-    """
+    """{'loss', 'accuracy', 'count'} on a labelled dataset (NaN loss and accuracy when empty)."""
     images, labels = dataset.images, dataset.labels
     if max_batches:
         limit = max_batches * eval_batch_size(device)
         images, labels = images[:limit], labels[:limit]
-    logits = predict_logits(model, images, device)
+    logits = predict_logits(model, images, device)  # (N, classes)
     labels = labels.to(logits.device)
-    predictions = logits.argmax(1)
-    return {
-        "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (predictions == labels).float().mean().item(),
-        "predictions": predictions.cpu(),
-        "probabilities": logits.softmax(1).cpu(),
-    }
+    return {"loss": F.cross_entropy(logits, labels).item(),
+            "accuracy": (logits.argmax(1) == labels).float().mean().item(), "count": len(labels)}
 
 
 def validate(model, val_shard: DigitDataset, device, max_batches=0):
@@ -233,7 +225,7 @@ def validate(model, val_shard: DigitDataset, device, max_batches=0):
     val = evaluate(model, val_shard, device, max_batches)
     if world_size == 1:
         return {"loss": val["loss"], "accuracy": val["accuracy"]}
-    count = len(val["predictions"])
+    count = val["count"]
     total = _sum_over_ranks([val["loss"] * count, val["accuracy"] * count, count] if count else [0.0] * 3, device)
     loss, accuracy = (total[:2] / total[2]).tolist()  # NaN when the validation set is empty
     return {"loss": loss, "accuracy": accuracy}
