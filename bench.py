@@ -79,7 +79,8 @@ def cpu_peak():
         "clock_ghz": mhz / 1000,
         "flops_per_cycle": flops_per_cycle,
         "peak_gflops": cores * mhz / 1000 * flops_per_cycle or None,
-        "derivation": f"{cores} cores x {mhz / 1000:.2f} GHz (/proc/cpuinfo) x {flops_per_cycle} FLOP/cycle "
+        "derivation": f"{cores} threads x {mhz / 1000:.2f} GHz (/proc/cpuinfo's nominal clock) x {flops_per_cycle} "
+                      f"FLOP/cycle "
                       f"({simd}: 2 FMA units x {flops_per_cycle // 4} fp32 lanes x 2)" if mhz else
                       "unknown: /proc/cpuinfo lists no clock",
         "sgemm_gflops": sgemm,
@@ -141,7 +142,10 @@ def run(args):
                         f"{STEPS} training steps, so it needs {MIN_TRAIN_ROWS:,} or more: use the full Kaggle data")
 
     full = DigitDataset(images, labels)
-    results.update(train_step_figures(recipe, full, device, results["machine"]["peak_gflops"]))
+    machine = results["machine"]
+    # A clock that boosts above the nominal one lets sgemm beat the estimate: the higher is the peak.
+    peak = max(machine["peak_gflops"], machine["sgemm_gflops"]) if machine["peak_gflops"] else None
+    results.update(train_step_figures(recipe, full, device, peak))
     train_idx, val_idx = stratified_split(labels, VAL_FRACTION, seed=0)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -165,7 +169,7 @@ def run(args):
         results["test_images"] = len(predictions)
         results["inference_images_per_s"] = len(predictions) / results["predict_test_s"]
         results["onnxruntime_images_per_s"] = onnxruntime_images_per_s(models, test_images)  # None: not installed
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB
     return results
 
 
@@ -176,6 +180,8 @@ def print_table(r):
         ("FMA peak (estimate)", f"{m['peak_gflops']:.0f} GFLOP/s = {m['derivation']}" if m["peak_gflops"]
          else m["derivation"]),
         ("sgemm 2048 (measured)", f"{m['sgemm_gflops']:.0f} GFLOP/s"),
+        *([("", "above the estimate (a boost clock), so the train step's share of peak is of the sgemm")]
+          if m["peak_gflops"] and m["sgemm_gflops"] > m["peak_gflops"] else []),
         ("model", f"{r['model']['arch']} widths {r['model']['widths']}, {r['model']['parameters']:,} params, "
                   f"{r['model']['multiply_adds_per_image'] / 1e6:.2f}M multiply-adds/image"),
         ("load train.csv", f"{r['load_train_s']:.2f} s"),
@@ -192,7 +198,7 @@ def print_table(r):
         ("the same, onnxruntime (export.py)", "not installed (pip install -r requirements-export.txt)"
          if r["onnxruntime_images_per_s"] is None else f"{r['onnxruntime_images_per_s']:,.0f} img/s"),
         ("read + predict test file", f"{r['read_and_predict_test_s']:.2f} s"),
-        ("peak RSS", f"{r['peak_rss_mb']:.0f} MB"),
+        ("peak RSS", f"{r['peak_rss_mib']:.0f} MiB"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -10,8 +10,10 @@ Usage:
 The graph takes float32 images (N, 1, 28, 28) scaled to [0, 1] (pixel / 255) as input
 `images` and returns class probabilities (N, 10) as `probabilities`: the softmax, averaged
 over the members for several checkpoints. The batch axis is dynamic. Each model is
-exported in eval mode with its BatchNorms folded into the convolutions, as inference.py
-runs it. Before the file is written, onnxruntime's probabilities on --check images are
+exported in eval mode with its BatchNorms folded into the convolutions, and scores each
+image once: as `inference.py --no-tta`, without the shifted and rotated views of TTA that
+the default and best recipes submit with (a note says so), so a few labels can differ from
+the submission's. Before the file is written, onnxruntime's probabilities on --check images are
 compared with torch's; a difference above --tolerance, or a differing label, writes
 nothing and exits 1. Use it without torch, e.g. on test.csv rows `pixels` (N, 784) uint8:
 
@@ -31,11 +33,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from DigitRecognizerModel import NUM_CLASSES
+from DigitRecognizerModel import NUM_CLASSES, load_checkpoint
 from cli import ArgumentParser, UserError, path_argument, ranged, run_command
 from dataloader import find_data, iter_digit_csv, source_files
 from files import Kind, atomic_write_bytes, check_outputs
-from inference import check_each_once, eval_batch_size, load_models, predict_probs
+from inference import check_each_once, eval_batch_size, predict_probs, ready_to_predict
 
 OPSET = 17
 INSTALL_HINT = "pip install -r requirements-export.txt (or: pip install onnx onnxruntime)"
@@ -188,8 +190,12 @@ def run(args, log=print):
     check_outputs([("--output", args.output, ONNX_GRAPH)],
                   [*args.checkpoint, *source_files(args.input or "", "test.csv")])
     require("onnx", *(["onnxruntime"] if args.check else []))  # before loading anything
-    models = load_models(args.checkpoint, torch.device("cpu"))
+    states = [load_checkpoint(path) for path in args.checkpoint]
+    models = [ready_to_predict(state, path, torch.device("cpu")) for state, path in zip(states, args.checkpoint)]
     check_each_once(args.checkpoint)  # once each is known to be a checkpoint
+    if any(state.get("identity", {}).get("tta") is True for state in states):
+        log("note: these checkpoints' recipe submits with TTA; the graph scores each image once, as "
+            "`inference.py --no-tta`, so a few labels can differ from the submission's")
     graph = to_onnx(models, args.opset)
     result = None
     if args.check:

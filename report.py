@@ -449,9 +449,11 @@ def render_index_html(title, summary, recipe, sections, files):
     for heading, content in sections:
         parts += [f"<h2>{html.escape(heading)}</h2>", *content]
     parts += ["<h2>files</h2><p>" + " · ".join(_link(f) for f in files) + "</p>"]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title>{_STYLE}</head>\n<body>\n" + "\n".join(parts) +
             f"\n{_CHECK_IMAGES}\n</body></html>\n")
+    # A file name that is not UTF-8 (kept as surrogates) shows as U+FFFD: the page stays UTF-8, as it says.
+    return page.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 # ----------------------------------------------------------------------------- the report
@@ -520,7 +522,7 @@ def _index_sections(name, figures, rows, mistakes, unsure, history, n_images, n_
                          pictures("test_predictions.png", "least_confident_test.png") +
                          [html_table(UNSURE_COLUMNS, unsure, f"the {len(unsure)} least confident test images")]))
     if history:
-        sections.append(("history", [html_table(list(history[0]), history, "one row per epoch")]))
+        sections.append(("history", [html_table(list(history[0]), history, "one row per epoch of the last model trained")]))
     if not figures:
         sections.insert(0, ("figures", [f"<p>{html.escape(SKIPPED_NO_MATPLOTLIB)}</p>"]))
     return [(heading, blocks) for heading, blocks in sections if blocks]

@@ -14,7 +14,7 @@ from inference import load_models, predict_probs
 CPU = torch.device("cpu")
 
 
-def _checkpoint(path, seed, widths=(16, 32, 128)):
+def _checkpoint(path, seed, widths=(16, 32, 128), **recipe):
     """A model with non-trivial BatchNorm statistics (so folding them matters) and confident outputs."""
     torch.manual_seed(seed)
     model = DigitRecognizerModel(ModelConfig(widths=widths))
@@ -25,7 +25,7 @@ def _checkpoint(path, seed, widths=(16, 32, 128)):
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.2, 0.2)
     model.classifier[-1].weight.data.mul_(20)  # spread the logits: labels are not near-ties
-    save_checkpoint(str(path), model)
+    save_checkpoint(str(path), model, identity=recipe)
     return str(path)
 
 
@@ -57,6 +57,17 @@ def test_onnx_matches_torch_on_1000_images(tmp_path):
     expected = predict_probs(load_models([checkpoint], CPU), images, CPU).numpy()
     assert got.shape == (37, 10)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_a_recipe_with_tta_gets_a_note_that_the_graph_has_none(tmp_path, tta):
+    pytest.importorskip("onnx")
+    checkpoint = _checkpoint(tmp_path / "best.pt", seed=0, tta=tta)
+    lines = []
+    export.run(export.parse_args(["--checkpoint", checkpoint, "--output", str(tmp_path / "m.onnx"), "--check", "0"]),
+               log=lines.append)
+    note = "note: these checkpoints' recipe submits with TTA; the graph scores each image once, as `inference.py --no-tta`"
+    assert any(line.startswith(note) for line in lines) == tta and lines[-1].startswith("wrote ")
 
 
 def test_ensemble_exports_as_one_graph_averaging_the_members(tmp_path):
