@@ -76,7 +76,9 @@ def stale_member_folders(recipe, checkpoint_dir):
     if count == 1 or not os.path.isdir(checkpoint_dir):
         return []
     numbers = [int(name[len("member"):]) for name in os.listdir(checkpoint_dir) if re.fullmatch(r"member\d+", name)]
-    return [os.path.join(checkpoint_dir, f"member{n}") for n in sorted(numbers) if n > count]
+    folders = [os.path.join(checkpoint_dir, f"member{n}") for n in sorted(numbers) if n > count]
+    # only folders holding checkpoints: a file or another folder of that name mixes nothing
+    return [f for f in folders if any(os.path.isfile(os.path.join(f, name)) for name in ("best.pt", "last.pt"))]
 
 
 def plan(recipe, labels, checkpoint_dir, seed):

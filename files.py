@@ -26,14 +26,18 @@ class OutputError(UserError):
 
 
 _WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO,
-                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EBUSY, errno.EXDEV}
 
 
 def _reason(error: OSError):
     hints = {errno.ENOSPC: "the disk is full; free space or choose another location",
              errno.EROFS: "read-only file system; choose a writable location",
              errno.EACCES: "permission denied; choose a writable location",
-             errno.EDQUOT: "disk quota exceeded; free space or choose another location"}
+             errno.EDQUOT: "disk quota exceeded; free space or choose another location",
+             # a file mounted on its own (docker -v host.csv:/work/sub.csv) cannot be renamed onto
+             errno.EBUSY: "it is a mount point (a file mounted on its own?); write inside a mounted folder instead",
+             errno.EXDEV: "it is on another file system than its folder (a file mounted on its own?); write inside "
+                          "a mounted folder instead"}
     return hints.get(error.errno, f"{error.strerror or type(error).__name__}; choose a writable location")
 
 
@@ -65,7 +69,7 @@ def atomic_open(path, mode="w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
-        tmp_path = None
+        tmp_path = made = None
     except OSError as e:
         if e.errno not in _WRITE_ERRORS:  # e.g. a read error in the caller's block: not ours
             raise
@@ -74,6 +78,7 @@ def atomic_open(path, mode="w"):
         if tmp_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_path)
+        if made is not None:  # not written, whatever failed (the folders, the temp file, the write)
             _remove_empty(made)
 
 
@@ -124,11 +129,12 @@ def _nearest_existing_folder(path):
     return folder
 
 
-def check_writable(flag, path):
+def check_writable(flag, path, probed=None):
     """OutputError now, before any work, unless a file can be written at `path`.
 
-    Tries a real temp file in the nearest existing folder (permissions, read-only file
-    systems and full disks all show up), and creates nothing else.
+    Writes and syncs one byte to a real temp file in the nearest existing folder (permissions,
+    read-only file systems and full disks all show up), and creates nothing else; once per
+    folder in the set `probed`.
     """
     if os.path.isdir(path):
         raise OutputError(f"{flag} {path}: is a folder; pass the path of a file in it")
@@ -142,20 +148,36 @@ def check_writable(flag, path):
         if len(os.fsencode(name)) > longest:
             raise OutputError(f"{flag} {path}: the name {name[:20]}... is {len(os.fsencode(name))} bytes, longer "
                               f"than the {longest} this file system allows; choose a shorter name")
+    longest_path = os.pathconf(folder, "PC_PATH_MAX")  # 4096 bytes on Linux
+    if len(os.fsencode(target)) >= longest_path:
+        raise OutputError(f"{flag} {path}: the path is {len(os.fsencode(target)):,} bytes, longer than the "
+                          f"{longest_path:,} this system allows; choose a shorter path")
+    if probed is not None and folder in probed:
+        return
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        with tempfile.TemporaryFile(dir=folder) as probe:  # one byte, synced: a full disk fails here, not later
+            probe.write(b"0")
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as e:
         raise OutputError(f"{flag} {path}: cannot write in {folder}: {_reason(e)}") from None
+    if probed is not None:
+        probed.add(folder)
 
 
 def _identities(path):
     """The keys under which two paths are the same file: the resolved path and, for an existing
-    file, its (device, inode), which also catches hard links."""
+    file, its (device, inode), which also catches hard links; for a file still to be made, its
+    nearest existing folder's (device, inode) and the rest of the path, which catches one
+    folder reached by two paths (a bind mount)."""
     real = os.path.realpath(path)
     try:
         status = os.stat(path)
     except OSError:
+        folder = _nearest_existing_folder(real)
+        with contextlib.suppress(OSError):
+            status = os.stat(folder)
+            return [real, (status.st_dev, status.st_ino, os.path.relpath(real, folder))]
         return [real]
     return [real, (status.st_dev, status.st_ino)]
 
@@ -240,8 +262,9 @@ def check_outputs(outputs, inputs):
                               f"it cannot be a file too; give each output its own path")
         written.update(dict.fromkeys(keys, (flag, path)))
         folders.update(dict.fromkeys(folders_above, (flag, path)))
+    probed = set()
     for flag, path, kind in outputs:
-        check_writable(flag, path)
+        check_writable(flag, path, probed)
         check_replaces_only(flag, path, kind)
 
 

@@ -4,6 +4,7 @@ Every user error is exit 2 with one line on stderr and no traceback, and leaves 
 already on disk (checkpoints, submission) with its bytes and mtime.
 """
 
+import errno
 import functools
 import os
 import pickle
@@ -22,6 +23,7 @@ import torch
 import dataloader
 import ensemble
 import export
+import files
 import inference
 import main
 import report
@@ -640,6 +642,46 @@ FAILURES = {  # case: (flags, what the line must say)
 }
 
 
+def test_a_write_that_fails_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files.tempfile, "mkstemp", no_space)
+    with pytest.raises(OutputError, match="a/b/sub.csv: cannot write: the disk is full"):
+        files.atomic_write_text(str(tmp_path / "a" / "b" / "sub.csv"), "ImageId,Label\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_file_mounted_on_its_own_is_one_line(tmp_path, monkeypatch):
+    """docker -v host.csv:/work/sub.csv: renaming onto a mount point fails with EBUSY."""
+    def busy(*args):
+        raise OSError(errno.EBUSY, "Device or resource busy")
+    monkeypatch.setattr(files.os, "replace", busy)
+    with pytest.raises(OutputError, match="sub.csv: cannot write: it is a mount point"):
+        files.atomic_write_text(str(tmp_path / "sub.csv"), "ImageId,Label\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_path_too_long_for_the_system_is_refused_before_any_work(tmp_path):
+    deep = os.path.join(str(tmp_path), *["d" * 250] * 17, "sub.csv")  # every name fits, the path does not
+    with pytest.raises(OutputError, match=r"the path is [\d,]+ bytes, longer than the 4,096 this system allows"):
+        files.check_outputs([("--submission", deep, inference.SUBMISSION)], [])
+    assert os.listdir(tmp_path) == []
+
+
+def test_one_folder_reached_by_two_paths_is_one_output(tmp_path):
+    """A bind mount (or any second path to a folder) makes two spellings of a file still to be written."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").mkdir()
+    if subprocess.run(["mount", "--bind", tmp_path / "real", tmp_path / "alias"], capture_output=True).returncode:
+        pytest.skip("bind mounts need root")
+    try:
+        with pytest.raises(OutputError, match="alias/new.csv: is also the --output output of this run"):
+            files.check_outputs([("--output", str(tmp_path / "real" / "new.csv"), inference.SUBMISSION),
+                                 ("--probs", str(tmp_path / "alias" / "new.csv"), inference.PROBABILITIES)], [])
+    finally:
+        subprocess.run(["umount", tmp_path / "alias"], check=True)
+
+
 def test_batch_size_is_checked_against_the_real_folds(capsys, tmp_path):
     """Stratified folds differ by up to a row a digit: the smallest member's rows decide."""
     images, labels = make_digits(400)
@@ -983,6 +1025,15 @@ def test_member_folders_an_earlier_bigger_ensemble_left_are_refused(capsys, tmp_
     assert_user_error(code, err, f"--checkpoint-dir {out / 'ckpt'}: {out / 'ckpt' / 'member3'} left by an earlier "
                                  f"run with more members; `member*/best.pt` would mix them with this run's 2")
     assert "epoch" not in stdout and snapshot(out) == before
+
+
+def test_a_member3_that_holds_no_checkpoint_is_no_earlier_member(capsys, tmp_path, out):
+    """A file, or a folder without best.pt or last.pt, named member3 mixes nothing into member*/best.pt."""
+    data = write_data(tmp_path / "data")
+    (out / "ckpt" / "member4").mkdir(parents=True)
+    (out / "ckpt" / "member3").write_text("notes")
+    code, _, err = cli(capsys, main, *main_argv(data, out), "--ensemble", 2, "--widths", 4, 8, 8, "--report", "")
+    assert (code, err) == (0, []) and (out / "ckpt" / "member3").read_text() == "notes"
 
 
 def test_a_line_break_inside_a_cell_or_a_flag_is_still_one_line(capsys, tmp_path, out):
