@@ -310,7 +310,7 @@ def folder_lock(folder, flag="--checkpoint-dir"):
             try:
                 fcntl.flock(descriptors[-1], fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise OutputError(f"{flag} {folder}: is inside {above}, the {flag} of another run "
+                raise OutputError(f"{flag} {folder}: is inside {above}, a folder another run holds "
                                   f"({_holder(above)}); wait for it to finish or pass a folder outside it") from None
             except OSError:
                 continue  # a file system without flock up there: no run can hold it either

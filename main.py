@@ -145,10 +145,23 @@ def round_folders(options, recipe):
                                        if recipe.ensemble.pseudo_label else [])
 
 
+def report_folder_to_lock(options, recipe):
+    """The --report folder this run locks, as it locks its --checkpoint-dir, so that two runs never
+    mix their reports; None without a report, or where one folder holds the other: the
+    checkpoint folder's lock (exclusive there, shared on every folder above) covers it then."""
+    if not options.report or recipe.ensemble.full_train:  # which leaves nothing to report on
+        return None
+    report, checkpoints = os.path.realpath(options.report), os.path.realpath(options.checkpoint_dir)
+    nested = os.path.commonpath([report, checkpoints]) in (report, checkpoints)
+    return None if nested else options.report
+
+
 def planned_outputs(options, recipe):
     """[(flag, path, Kind)] of every file the run will write, for the checks before it starts."""
     outputs = [("--submission", options.submission, SUBMISSION),
                ("--checkpoint-dir", os.path.join(options.checkpoint_dir, HOLDER_FILE), HOLDER)]
+    if report_folder_to_lock(options, recipe):
+        outputs.append(("--report", os.path.join(options.report, HOLDER_FILE), HOLDER))
     if options.report and not recipe.ensemble.full_train:  # which leaves nothing to report on
         outputs += [("--report", path, kind) for path, kind in report_files(options.report)]
     outputs += [("--checkpoint-dir", os.path.join(folder, name), kind)
@@ -345,7 +358,9 @@ def train_and_submit(options, recipe, device, log=print):
         log(f"full-train: no validation split; the model after epoch {recipe.train.epochs} is the one submitted")
     if options.resume:  # before the lock makes the folder
         check_resumable_folder(options, first)
-    with folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext():
+    report_folder = report_folder_to_lock(options, recipe) if rank == 0 else None
+    with (folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext(),
+          folder_lock(report_folder, "--report") if report_folder else contextlib.nullcontext()):
         if rank == 0 and not options.resume:
             remove_earlier_resume_points(options, recipe)
         options.training_started = True  # from here on, a last.pt there is this run's (print_resume_hint)

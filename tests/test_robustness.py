@@ -998,8 +998,8 @@ def test_an_output_that_is_a_loop_of_symlinks_is_refused_and_stays_a_link(capsys
 
 
 @pytest.mark.parametrize("held, used, says", [
-    ("ckpt", "ckpt/member1", "--checkpoint-dir {out}/ckpt/member1: is inside {out}/ckpt, the --checkpoint-dir of "
-                             "another run (pid {pid}:"),
+    ("ckpt", "ckpt/member1", "--checkpoint-dir {out}/ckpt/member1: is inside {out}/ckpt, a folder another run "
+                             "holds (pid {pid}:"),
     ("ckpt/member1", "ckpt", "--checkpoint-dir {out}/ckpt: in use by another run (a run in a folder inside it)"),
 ])
 def test_a_run_inside_another_runs_checkpoint_folder_is_refused(capsys, tmp_path, out, held, used, says):
@@ -1014,6 +1014,22 @@ def test_a_run_inside_another_runs_checkpoint_folder_is_refused(capsys, tmp_path
         assert_user_error(code, err, says.format(out=out, pid=os.getpid()))
         assert "epoch" not in stdout and snapshot(out) == before
         assert folders() == folders_before  # not even the empty folder it would have used
+
+
+def test_two_runs_never_share_a_report_folder(capsys, tmp_path, out):
+    """Each run locks its --report folder as it locks its --checkpoint-dir: two runs with their own
+    checkpoints but the default reports/ would mix one's page with the other's tables."""
+    from files import folder_lock
+    data = write_data(tmp_path / "data")
+    argv = [*main_argv(data, out), "--widths", 4, 8, 8, "--report", out / "rep"]
+    with folder_lock(str(out / "rep"), "--report"):
+        before = snapshot(out)
+        code, stdout, err = cli(capsys, main, *argv)
+        assert_user_error(code, err, f"--report {out / 'rep'}: in use by another run (pid {os.getpid()}:")
+        assert "epoch" not in stdout and snapshot(out) == before
+    code, _, err = cli(capsys, main, *argv[:-1], out / "ckpt" / "rep")  # inside its own checkpoint folder
+    assert (code, err) == (0, []) and (out / "ckpt" / "rep" / "index.html").exists()
+    assert not (out / "ckpt" / "rep" / HOLDER_FILE).exists() and not (out / "ckpt" / HOLDER_FILE).exists()
 
 
 def test_member_folders_an_earlier_bigger_ensemble_left_are_refused(capsys, tmp_path, out):
