@@ -33,11 +33,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from DigitRecognizerModel import NUM_CLASSES, load_checkpoint
+from DigitRecognizerModel import NUM_CLASSES
 from cli import ArgumentParser, UserError, path_argument, ranged, run_command
 from dataloader import find_data, iter_digit_csv, source_files
 from files import Kind, atomic_write_bytes, check_outputs
-from inference import check_each_once, eval_batch_size, predict_probs, ready_to_predict
+from inference import eval_batch_size, load_each_once, predict_probs
 
 OPSET = 17
 INSTALL_HINT = "pip install -r requirements-export.txt (or: pip install onnx onnxruntime)"
@@ -190,9 +190,7 @@ def run(args, log=print):
     check_outputs([("--output", args.output, ONNX_GRAPH)],
                   [*args.checkpoint, *source_files(args.input or "", "test.csv")])
     require("onnx", *(["onnxruntime"] if args.check else []))  # before loading anything
-    states = [load_checkpoint(path) for path in args.checkpoint]
-    models = [ready_to_predict(state, path, torch.device("cpu")) for state, path in zip(states, args.checkpoint)]
-    check_each_once(args.checkpoint)  # once each is known to be a checkpoint
+    states, models = load_each_once(args.checkpoint, torch.device("cpu"))
     if any(state.get("identity", {}).get("tta") is True for state in states):
         log("note: these checkpoints' recipe submits with TTA; the graph scores each image once, as "
             "`inference.py --no-tta`, so a few labels can differ from the submission's")

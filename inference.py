@@ -83,6 +83,14 @@ def load_models(paths, device):
     return [ready_to_predict(load_checkpoint(path), path, device) for path in paths]
 
 
+def load_each_once(paths, device):
+    """(states, models) of checkpoint `paths` as given on the command line: each loaded and
+    checked, then refused if given twice, then ready to predict on `device`."""
+    states = [load_checkpoint(path) for path in paths]
+    check_each_once(paths)  # once each is known to be a checkpoint
+    return states, [ready_to_predict(state, path, device) for state, path in zip(states, paths)]
+
+
 def ready_to_predict(state, path, device):
     """The model of a loaded checkpoint `state` (from `path`), BatchNorm folded, on `device`."""
     model = model_from_checkpoint(state, path).fuse_batchnorm_()
@@ -241,9 +249,7 @@ def run(args, log=print):
     inputs = [*args.checkpoint, *source_files(args.input, name)]
     check_outputs(planned_outputs(args), inputs)
     device = choose_device(args.device)
-    states = [load_checkpoint(path) for path in args.checkpoint]
-    check_each_once(args.checkpoint)  # once each is known to be a checkpoint
-    models = [ready_to_predict(state, path, device) for state, path in zip(states, args.checkpoint)]
+    states, models = load_each_once(args.checkpoint, device)
     if args.tta is None:
         args.tta = trained_with_tta(states, log)
     with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:

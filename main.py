@@ -145,11 +145,16 @@ def round_folders(options, recipe):
                                        if recipe.ensemble.pseudo_label else [])
 
 
+def writes_report(options, recipe):
+    """Whether the run writes a report: asked for, and not --full-train, which leaves nothing to report on."""
+    return bool(options.report) and not recipe.ensemble.full_train
+
+
 def report_folder_to_lock(options, recipe):
     """The --report folder this run locks, as it locks its --checkpoint-dir, so that two runs never
     mix their reports; None without a report, or where one folder holds the other: the
     checkpoint folder's lock (exclusive there, shared on every folder above) covers it then."""
-    if not options.report or recipe.ensemble.full_train:  # which leaves nothing to report on
+    if not writes_report(options, recipe):
         return None
     report, checkpoints = os.path.realpath(options.report), os.path.realpath(options.checkpoint_dir)
     nested = os.path.commonpath([report, checkpoints]) in (report, checkpoints)
@@ -162,7 +167,7 @@ def planned_outputs(options, recipe):
                ("--checkpoint-dir", os.path.join(options.checkpoint_dir, HOLDER_FILE), HOLDER)]
     if report_folder_to_lock(options, recipe):
         outputs.append(("--report", os.path.join(options.report, HOLDER_FILE), HOLDER))
-    if options.report and not recipe.ensemble.full_train:  # which leaves nothing to report on
+    if writes_report(options, recipe):
         outputs += [("--report", path, kind) for path, kind in report_files(options.report)]
     outputs += [("--checkpoint-dir", os.path.join(folder, name), kind)
                 for checkpoint_dir in round_folders(options, recipe)
@@ -405,9 +410,9 @@ def dry_run_outputs(options, recipe, log):
     options.report = os.path.join(folder, "reports") if options.report else ""
     try:
         yield
-        reported = options.report and not recipe.ensemble.full_train  # --full-train writes no report
         if rank_and_world_size()[0] == 0:  # one line, not one per torchrun process
-            log(f"dry run: everything worked; its outputs (in {folder}{', the report too' if reported else ''}) "
+            report = ", the report too" if writes_report(options, recipe) else ""
+            log(f"dry run: everything worked; its outputs (in {folder}{report}) "
                 f"were temporary and are removed now, nothing else was written")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
