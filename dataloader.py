@@ -195,6 +195,10 @@ def _damaged_zip(path, error):
     return f"{path}: damaged zip ({error}); download digit-recognizer.zip again"
 
 
+def _damaged_compressed(path, error):
+    return f"{path}: damaged compressed data ({error}); download or compress it again"
+
+
 def _last_line_end(block, start, end):
     """Index of the last line end in block[start:end], or -1: a newline, or the carriage
     return that ends lines in old Mac files (pandas reads those too)."""
@@ -296,7 +300,7 @@ def _read_chunks(label, opener, chunk_rows, dtype=None):
     except zipfile.BadZipFile as e:
         raise DataError(_damaged_zip(label, e)) from None
     except (zlib.error, EOFError, gzip.BadGzipFile) as e:  # a corrupt deflate stream (zip or .gz), a .gz cut short
-        raise DataError(f"{label}: damaged compressed data ({e}); download or compress it again") from None
+        raise DataError(_damaged_compressed(label, e)) from None
     except UnicodeDecodeError as e:
         raise DataError(f"{label}: not a readable CSV ({type(e).__name__}); pass the Kaggle train.csv/test.csv") from None
     except OSError as e:
@@ -408,6 +412,14 @@ def iter_digit_csv(path, name, labelled, chunk_rows=CHUNK_ROWS, log=print):
     if not (os.path.isdir(path) or os.path.isfile(path)):  # a pipe, /dev/stdin, <(...)
         yield from _checked_chunks(label, opener, labelled, chunk_rows, log)
         return
+    try:
+        yield from _fast_then_checked(label, opener, labelled, chunk_rows, log)
+    except DataError:
+        _raise_if_damaged(label, opener)  # a damaged zip or .gz, not the line its garbage landed on
+        raise
+
+
+def _fast_then_checked(label, opener, labelled, chunk_rows, log):
     chunks_done = 0
     try:
         for chunk in _checked_chunks(label, opener, labelled, chunk_rows, log, dtype=FAST_DTYPE):
@@ -419,6 +431,23 @@ def iter_digit_csv(path, name, labelled, chunk_rows=CHUNK_ROWS, log=print):
         for index, chunk in enumerate(checked):
             if index >= chunks_done:
                 yield chunk
+
+
+def _raise_if_damaged(label, opener):
+    """DataError if `opener`'s zip member or .gz file fails its CRC or its decompression: read
+    to its end, zipfile and gzip check it. Plain files are not read again."""
+    try:
+        with opener() as stream:
+            if not isinstance(stream, (zipfile.ZipExtFile, gzip.GzipFile)):
+                return
+            while stream.read(1 << 20):
+                pass
+    except zipfile.BadZipFile as e:
+        raise DataError(_damaged_zip(label, e)) from None
+    except (zlib.error, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(_damaged_compressed(label, e)) from None
+    except OSError:
+        return  # the first error's message stands
 
 
 def _checked_chunks(label, opener, labelled, chunk_rows, log, dtype=None):

@@ -342,6 +342,23 @@ def test_unreadable_zip_is_one_line_naming_it_and_the_fix(tmp_path, case):
     assert str(error.value).startswith(str(path)) and expected in str(error.value)
 
 
+@pytest.mark.parametrize("damaged", [True, False])
+def test_a_bad_line_in_a_zip_is_blamed_on_the_zip_only_when_its_crc_fails(tmp_path, damaged):
+    """Bytes changed inside a zip read as a CSV error on some line; the CRC tells the two apart."""
+    good = "\n".join(good_lines(True)) + "\n"
+    bad = edit_line(lambda line: line.replace(",0,", ",,,", 1))(good_lines(True))  # line 4: one cell too many
+    path = tmp_path / "digit-recognizer.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:  # stored: the bytes are the CSV's own
+        archive.writestr("train.csv", good if damaged else bad)
+    if damaged:  # the same edit, of the same length, made to the zip's bytes after its CRC was written
+        path.write_bytes(path.read_bytes().replace(good.encode(), bad.encode()))
+    with pytest.raises(DataError) as error:
+        load_train(str(path))
+    expected = ("damaged zip (Bad CRC-32 for file 'train.csv'); download digit-recognizer.zip again" if damaged
+                else "Expected 785 fields in line 4, saw 786")
+    assert str(error.value).startswith(f"{path}:train.csv: ") and expected in str(error.value)
+
+
 def test_a_zip_made_on_windows_with_backslash_folders_is_read(tmp_path):
     path = tmp_path / "windows.zip"
     with zipfile.ZipFile(path, "w") as archive:
