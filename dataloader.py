@@ -562,8 +562,8 @@ class AugmentConfig:
     scale: float = setting(0.1, "zoom drawn from [1 - scale, 1 + scale]", low=0, high=1, high_open=True)
     shear: float = setting(0.1, "max shear, as tan(angle)", low=0, high=1)
     shift: float = setting(0.1, "max shift, fraction of the image side (0.1 = 2.8 px)", low=0, high=0.5)
-    elastic_alpha: float = setting(0.0, "elastic distortion, max displacement in pixels, 0 = off", low=0,
-                                   high=28, flag="--elastic")
+    elastic_alpha: float = setting(0.0, "elastic distortion, max displacement in pixels along each axis, 0 = off",
+                                   low=0, high=28, flag="--elastic")
     elastic_sigma: float = setting(4.0, "smoothness of the elastic field, pixels", low=0.5, high=28)
 
     @property

@@ -74,9 +74,9 @@ def build_parser(parser_class=ArgumentParser):
     parser.add_argument("--submission", default="final_submission.csv", help="submission path (default: final_submission.csv)")
     parser.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt (default: off)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="check all the data, then run every step on a sample of 1,000 of its rows (more "
-                             "for batches over 250; one epoch of one batch per model) with outputs in a temporary "
-                             "folder that is removed: a smoke test that writes nothing (default: off)")
+                        help="check all the data, then run every step on a stratified sample of about 1,000 of "
+                             "its rows (more for batches over 250; one epoch of one batch per model) with outputs "
+                             "in a temporary folder that is removed: a smoke test that writes nothing (default: off)")
     parser.add_argument("--report", default="reports/", metavar="DIR",
                         help="after training, write plots and per_class_accuracy.csv for the submitted predictor "
                              "on the validation split (every row, out of fold, under --folds) here; none under "
@@ -260,10 +260,20 @@ def evaluate_members(recipe, members, full, test_images, device, log):
         val_probs = predict(models, val_set.images)  # (0, 10) under --full-train
         what = f"validation accuracy of the submitted predictor ({len(models)} model(s){views})"
         if recipe.train.best_epoch:
-            what += " [optimistic: --best-epoch picked each model's epoch on these images]"
+            what += f" [{figure_caveat(recipe)}]"
     if len(val_set):
         log(f"{what}: {(val_probs.argmax(1) == val_set.labels).float().mean().item():.4f}")
     return val_set, val_probs, predict(models, test_images)
+
+
+def figure_caveat(recipe):
+    """Why the submitted predictor's validation (or out-of-fold) figure is optimistic, or ''."""
+    if recipe.train.best_epoch:
+        return "optimistic: --best-epoch picked each model's epoch on these images"
+    if recipe.ensemble.folds and recipe.ensemble.pseudo_label:
+        return ("slightly optimistic: its pseudo-labels come from round 1's whole ensemble, whose other members "
+                "trained on each member's held-out fold")
+    return ""
 
 
 def evaluate_on_rank_0(recipe, members, full, test_images, device, log):
@@ -292,7 +302,8 @@ def write_run_report(options, recipe, histories, sets, probabilities, seconds, l
     write_report(options.report, val_set, val_probs, history=histories[-1], augment_config=recipe.augment,
                  train_set=full, log=log, line_numbers=val_set.line_numbers, test_images=test_images,
                  test_probabilities=test_probs, recipe=settings,
-                 summary={"models": len(histories), "seconds to train and predict": round(seconds)},
+                 summary={"models": len(histories), "seconds to train and predict": round(seconds),
+                          **({"note": figure_caveat(recipe)} if figure_caveat(recipe) else {})},
                  name="out-of-fold" if recipe.ensemble.folds else "validation")
 
 
@@ -310,8 +321,7 @@ def train_rounds(options, recipe, full, test_images, device, log):
         members = plan(recipe, full.labels, os.path.join(options.checkpoint_dir, "round2"), options.seed)
         histories = train_members(options, members, full, device, log, extra)
         if recipe.ensemble.folds:
-            log("note: round 2's out-of-fold figure is slightly optimistic: its pseudo-labels come from round 1's "
-                "whole ensemble, whose other members trained on each member's held-out fold")
+            log(f"note: round 2's out-of-fold figure is {figure_caveat(recipe)}")
         val_set, val_probs, test_probs = evaluate_on_rank_0(recipe, members, full, test_images, device, log)
     return members, histories, val_set, val_probs, test_probs
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from DigitRecognizerModel import ARCHITECTURES, ModelConfig, own_defaults
 from cli import as_typed, replace_settings, setting
 from dataloader import AugmentConfig
-from trainer import TrainConfig
+from trainer import MAX_EPOCHS, TrainConfig
 
 
 VAL_FRACTION = 0.1  # stratified hold-out of train.csv: reports accuracy (and picks best.pt under --best-epoch)
@@ -22,7 +22,7 @@ class EnsembleConfig:
     folds: int = setting(0, "k-fold: K members, each holding out one fold, so every train.csv row is predicted "
                             "out of fold; 0 = off", low=0, high=20)
     mix: str = setting("none", "a second architecture for every other member", choices=lambda: ["none", *ARCHITECTURES])
-    mix_epochs: int = setting(0, "epochs of the --mix members; 0 = --epochs", low=0, high=10_000)
+    mix_epochs: int = setting(0, "epochs of the --mix members; 0 = --epochs", low=0, high=MAX_EPOCHS)
     tta: bool = setting(True, "test-time augmentation: average over shifted/rotated views")
     full_train: bool = setting(False, "train on all rows with no validation split; the model after the last "
                                       "epoch is the one submitted")

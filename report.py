@@ -221,7 +221,7 @@ def plot_learning_curves(history, path):
         ax.set_title(f"{metric} per epoch")
     lr_ax.plot(epochs, [row["lr"] for row in history], "o-", ms=3, color="C2")
     lr_ax.set_ylabel("learning rate")
-    lr_ax.set_title("learning rate at the end of each epoch")
+    lr_ax.set_title("learning rate of each epoch's last step")
     for ax in (loss_ax, accuracy_ax, lr_ax):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

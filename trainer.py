@@ -33,6 +33,7 @@ from dataloader import AugmentConfig, DigitDataset, augment
 from files import Kind, atomic_write_text
 from inference import autocast, eval_batch_size, predict_logits
 
+MAX_EPOCHS = 1000  # an epoch's random numbers come from seed * MAX_EPOCHS + epoch
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 HISTORY = Kind("a history.csv", (",".join(HISTORY_COLUMNS) + "\n").encode())
 
@@ -46,7 +47,7 @@ MOMENTUM_DIP = 0.1  # the one-cycle momentum falls from --momentum to this much 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = setting(30, "epochs", low=1, high=10_000)
+    epochs: int = setting(30, "epochs", low=1, high=MAX_EPOCHS)
     batch_size: int = setting(128, "global batch size, split evenly over torchrun processes", low=2, high=65_536)
     lr: float = setting(0.1, "peak learning rate of the one-cycle schedule", low=1e-6, high=100)
     momentum: float = setting(0.95, f"peak SGD Nesterov momentum; the one-cycle schedule lowers it by {MOMENTUM_DIP} "
@@ -158,7 +159,7 @@ class BatchSource:
             self.steps = min(self.steps, max_steps)
 
     def epoch(self, epoch):
-        epoch_seed = self.seed * 1000 + epoch
+        epoch_seed = self.seed * MAX_EPOCHS + epoch  # epoch < MAX_EPOCHS: no two (seed, epoch) pairs share one
         rank_seed = epoch_seed + (self.rank << 32)  # == epoch_seed on rank 0 and in a single process
         torch.manual_seed(rank_seed)  # dropout
         generator = torch.Generator(device=self.device).manual_seed(epoch_seed)
@@ -392,7 +393,8 @@ class Trainer:
         return improved
 
     def train_epoch(self, epoch):
-        """One pass over this rank's shard; returns (mean train loss, train accuracy) over all ranks."""
+        """One pass over this rank's shard; returns (mean train loss, train accuracy) over all ranks
+        and the learning rate of its last step."""
         self.net.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -402,6 +404,7 @@ class Trainer:
         for step, (images, labels) in zip(bar, self.batches.epoch(epoch)):
             loss, batch_correct = train_step(self.net, self.optimizer, images, labels, self.config.label_smoothing,
                                              self.device)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step ran at; the scheduler moves it on
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.model)
@@ -415,11 +418,11 @@ class Trainer:
         if dist.is_available() and dist.is_initialized():  # the same numbers everywhere: all stop on NaN
             totals = _sum_over_ranks(totals, self.device).tolist()
         world_steps = self.batches.steps * rank_and_world_size()[1]
-        return totals[0] / world_steps, totals[1] / (self.batches.steps * self.config.batch_size)
+        return totals[0] / world_steps, totals[1] / (self.batches.steps * self.config.batch_size), lr
 
     def run_epoch(self, epoch, epochs_bar):
         started = time.perf_counter()
-        train_loss, train_accuracy = self.train_epoch(epoch)
+        train_loss, train_accuracy, lr = self.train_epoch(epoch)
         tensors = [*self.model.parameters(), *self.model.buffers(), *self.eval_model.parameters()]  # BatchNorm's too
         weights_finite = all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
         if dist.is_available() and dist.is_initialized():  # BatchNorm statistics are per rank: all stop, or none
@@ -434,7 +437,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-               "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
+               "lr": lr, "seconds": seconds}
         self.state.history.append(row)
         self.state.epoch = epoch + 1
         improved = self.save_epoch(row)

@@ -90,6 +90,7 @@ def test_model_learns_synthetic_task_and_checkpoint_round_trips(tmp_path):
     model, val_set, history = train_small(tmp_path)
     assert len(history) == 4 and history[-1]["val_accuracy"] > 0.95
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["lr"] == pytest.approx(0.05 / 10 / 100)  # the one-cycle's last step: its lowest rate
     state = load_checkpoint(str(tmp_path / "best.pt"))
     restored = model_from_checkpoint(state)
     assert restored.config == model.config  # best.pt is the last epoch's model, unless --best-epoch
@@ -200,7 +201,7 @@ def test_main_on_a_slice_of_the_real_data(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--no-such-flag"], "unrecognized arguments"),
     (["--epochs", "zero"], "--epochs: 'zero' is not an integer"),
-    (["--epochs", "0"], "--epochs: 0 is out of range; it must be in [1, 10000]"),
+    (["--epochs", "0"], "--epochs: 0 is out of range; it must be in [1, 1000]"),
     (["--lr", "nan"], "--lr: nan is out of range"),
     (["--lr", "inf"], "--lr: inf is out of range"),
     (["--lr", "-0.1"], "--lr: -0.1 is out of range"),

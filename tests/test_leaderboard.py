@@ -209,11 +209,14 @@ def test_pseudo_label_run_names_the_round_2_checkpoints_that_rebuild_its_submiss
 
 
 def test_pseudo_label_under_folds_says_its_out_of_fold_figure_is_optimistic(kaggle_dir, tmp_path, capsys):
-    assert main.main(["--data", str(kaggle_dir), "--pseudo-label", "0.1", "--folds", "2", "--dry-run",
-                      "--widths", "4", "8", "8"]) == 0
+    assert main.main(["--data", str(kaggle_dir), "--pseudo-label", "0.1", "--folds", "2", "--epochs", "1",
+                      "--widths", "4", "8", "8", "--checkpoint-dir", str(tmp_path / "ck"),
+                      "--submission", str(tmp_path / "s.csv"), "--report", str(tmp_path / "report")]) == 0
     out = capsys.readouterr().out
     assert out.index("join every member's training rows for round 2") < out.index(
         "note: round 2's out-of-fold figure is slightly optimistic") < out.rindex("out-of-fold accuracy (2 folds")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "slightly optimistic: its pseudo-labels come from round 1&#x27;s whole ensemble" in page
 
 
 def test_pseudo_labels_keep_only_confident_test_images():
