@@ -251,12 +251,16 @@ def _check_records(path):
             return
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
-        if not any(r.filename.endswith("/data.pkl") for r in records):
-            raise CheckpointError(f"{path}: is a zip but not a PyTorch checkpoint (no data.pkl in it); pass a best.pt "
-                                  f"or last.pt written by this suite")
-        if any(r.compress_type != zipfile.ZIP_STORED for r in records):
-            raise CheckpointError(f"{path}: its records are compressed, which torch.save never does, so it was "
-                                  f"repacked or crafted; pass the file torch.save wrote")
+            if not any(r.filename.endswith("/data.pkl") for r in records):
+                raise CheckpointError(f"{path}: is a zip but not a PyTorch checkpoint (no data.pkl in it); pass a "
+                                      f"best.pt or last.pt written by this suite")
+            if any(r.compress_type != zipfile.ZIP_STORED for r in records):
+                raise CheckpointError(f"{path}: its records are compressed, which torch.save never does, so it was "
+                                      f"repacked or crafted; pass the file torch.save wrote")
+            damaged = archive.testzip()  # torch.load skips the CRCs torch.save wrote: a changed weight would load
+        if damaged:
+            raise CheckpointError(f"{path}: damaged (the CRC of its record {damaged} does not match); use another "
+                                  f"copy, or train again")
 
 
 def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:

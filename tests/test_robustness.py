@@ -326,6 +326,15 @@ def write_with_nan_weight(path, marker, good):
     torch.save(state, path)
 
 
+def write_with_a_weight_changed(path, marker, good):
+    """One byte of the largest weight record flipped, as a bad disk or copy would: it still loads."""
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    data[record.header_offset + 30 + len(record.filename.encode()) + len(record.extra) + 100] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
 BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the error line must say)
     "malicious torch.save": (write_malicious_torch_save, "refused to load"),
     "malicious pickle": (write_malicious_pickle, "refused to load"),
@@ -345,6 +354,7 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
                                                          "['depth']: written by a newer version? update this code"),
     "a crafted pickle record": (write_with_record(b"\x80\x02K\x01Q."), "not a checkpoint (its bytes are not a saved"),
     "compressed records": (write_repacked(zipfile.ZIP_DEFLATED), "its records are compressed, which torch.save never"),
+    "a weight changed": (write_with_a_weight_changed, "damaged (the CRC of its record archive/data/"),
     "a zip that is not a checkpoint": (lambda path, marker, good: zipfile.ZipFile(path, "w").writestr("train.csv", "x"),
                                        "is a zip but not a PyTorch checkpoint (no data.pkl in it)"),
     "an extra huge view among the weights": (
