@@ -196,13 +196,15 @@ def check_no_stale_members(options, recipe):
                               f"{member_count(recipe)}: move them away or pass another --checkpoint-dir")
 
 
-def remove_earlier_resume_points(options, recipe):
-    """A fresh run removes the last.pt an earlier run left in its member folders: a --resume of
-    this run would take a member holding one as begun, and continue (or refuse) the earlier run's."""
+def remove_earlier_run(options, recipe):
+    """A fresh run removes the checkpoints an earlier run left in its member folders, which it
+    would overwrite anyway: cut short, it would leave `member*/best.pt` mixing the two runs, and
+    a --resume of it would take a member holding a last.pt as begun and continue the earlier run's."""
     for checkpoint_dir in round_folders(options, recipe):
         for folder in member_folders(recipe, checkpoint_dir):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, "last.pt"))
+            for name in CHECKPOINT_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(folder, name))
 
 
 def load_data(options, recipe, log):
@@ -377,7 +379,7 @@ def train_and_submit(options, recipe, device, log=print):
     with (folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext(),
           folder_lock(report_folder, "--report") if report_folder else contextlib.nullcontext()):
         if rank == 0 and not options.resume:
-            remove_earlier_resume_points(options, recipe)
+            remove_earlier_run(options, recipe)
         options.training_started = True  # from here on, a last.pt there is this run's (print_resume_hint)
         members, histories, val_set, val_probs, test_probs = train_rounds(options, recipe, full, test_images,
                                                                           device, log)

@@ -286,7 +286,7 @@ def test_resume_in_a_folder_an_earlier_run_used_continues_this_run_only(capsys, 
     assert cli(capsys, main, *tiny_argv(data, tmp_path / "cut", "--ensemble", "2", "--epochs", "1"))[0] == 0
     interrupt_at_epoch(monkeypatch, 2)  # the 3-epoch run, cut off in member 1's second epoch
     assert cli(capsys, main, *tiny_argv(data, tmp_path / "cut", "--ensemble", "2", "--epochs", "3"))[0] == 130
-    assert not (tmp_path / "cut" / "ckpt" / "member2" / "last.pt").exists()
+    assert not any((tmp_path / "cut" / "ckpt" / "member2").iterdir())  # no best.pt of the earlier run beside this one's
     monkeypatch.undo()
     code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path / "cut", "--ensemble", "2", "--epochs", "3", "--resume"))
     assert (code, err) == (0, [])
@@ -347,6 +347,7 @@ def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data,
     code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path))
     assert code == 130
     assert err[-1] == "interrupted before the first checkpoint; start again with the same command"
-    if earlier_run and during != "reading":  # a fresh run removes an earlier run's resume point first
-        del before["ckpt/last.pt"]
+    if earlier_run and during != "reading":  # a fresh run removes an earlier run's checkpoints first
+        for name in ("last.pt", "best.pt", "history.csv"):
+            del before[f"ckpt/{name}"]
     assert snapshot(tmp_path) == before and (earlier_run or not (tmp_path / "ckpt").exists())
