@@ -272,10 +272,15 @@ HOLDER_FILE = ".digit-recognizer-run"  # in a locked folder: who holds it; a nam
 HOLDER = Kind("a run lock file", b"pid ")
 
 
-def _holder(folder):
-    with contextlib.suppress(OSError), open(os.path.join(folder, HOLDER_FILE), errors="replace") as f:
-        return f.read().strip() or "pid unknown"
-    return "a run in a folder inside it"  # it holds a shared lock here, and no holder file
+def _holder(folder, otherwise):
+    """The holder file's line while its process lives; else `otherwise`: a run in a folder inside
+    holds a shared lock and writes no holder file here, and a killed run leaves a stale one."""
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, HOLDER_FILE), errors="replace") as f:
+        line = f.read().strip()
+        with contextlib.suppress(PermissionError):  # another user's process: alive
+            os.kill(int(line.split(":")[0].removeprefix("pid ")), 0)  # ProcessLookupError once it is gone
+        return line
+    return otherwise
 
 
 @contextlib.contextmanager
@@ -300,7 +305,8 @@ def folder_lock(folder, flag="--checkpoint-dir"):
         try:
             fcntl.flock(descriptors[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputError(f"{flag} {folder}: in use by another run ({_holder(absolute)}); "
+            holder = _holder(absolute, otherwise="a run in a folder inside it")
+            raise OutputError(f"{flag} {folder}: in use by another run ({holder}); "
                               f"wait for it to finish or pass another {flag}") from None
         for above in _folders_above(os.path.realpath(folder)):
             try:
@@ -311,7 +317,8 @@ def folder_lock(folder, flag="--checkpoint-dir"):
                 fcntl.flock(descriptors[-1], fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise OutputError(f"{flag} {folder}: is inside {above}, a folder another run holds "
-                                  f"({_holder(above)}); wait for it to finish or pass a folder outside it") from None
+                                  f"({_holder(above, otherwise='pid unknown')}); wait for it to finish or pass a folder "
+                                  f"outside it") from None
             except OSError:
                 continue  # a file system without flock up there: no run can hold it either
         holder_file = os.path.join(absolute, HOLDER_FILE)

@@ -32,7 +32,7 @@ from DigitRecognizerModel import NUM_CLASSES, CheckpointError, load_checkpoint, 
 from cli import ArgumentParser, UserError, choose_device, path_argument, run_command
 from dataloader import (CHUNK_ROWS, DataError, DigitDataset, NoLabelColumn, find_data, iter_digit_csv, load_digit_csv,
                         resolve_csv, source_files, warp)
-from files import Kind, atomic_open, check_outputs
+from files import HOLDER, HOLDER_FILE, Kind, atomic_open, check_outputs, folder_lock
 from report import report_files, write_report
 
 
@@ -238,6 +238,7 @@ def planned_outputs(args):
     if args.probs is not None:
         outputs.append(("--probs", args.probs, PROBABILITIES))
     if args.report is not None:
+        outputs.append(("--report", os.path.join(args.report, HOLDER_FILE), HOLDER))
         outputs += [("--report", path, kind) for path, kind in report_files(args.report, training_run=False)]
     return outputs
 
@@ -252,13 +253,15 @@ def run(args, log=print):
     states, models = load_each_once(args.checkpoint, device)
     if args.tta is None:
         args.tta = trained_with_tta(states, log)
-    with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:
-        if args.report is not None:
+    if args.report is not None:  # locked as main.py locks its own: two reports never mix in one folder
+        with folder_lock(args.report, "--report"), atomic_open(args.probs) if args.probs else \
+                contextlib.nullcontext() as probs_file:
             probs, _ = report_file(models, args.input, args.report, device, tta=args.tta,
                                    checkpoints=args.checkpoint, log=log)
             if probs_file is not None:
                 write_probability_rows(probs_file, probs)
-            return len(probs)
+        return len(probs)
+    with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:
         predictions = predict_file(models, args.input, device, tta=args.tta, probs_file=probs_file, log=log)
         write_submission(args.output, predictions)
     log(f"wrote {args.output} ({len(predictions):,} rows) from {len(models)} checkpoint(s)"

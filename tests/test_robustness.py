@@ -1026,6 +1026,17 @@ def test_a_run_inside_another_runs_checkpoint_folder_is_refused(capsys, tmp_path
         assert folders() == folders_before  # not even the empty folder it would have used
 
 
+def test_a_killed_runs_holder_file_is_not_named_as_the_holder(capsys, tmp_path, out):
+    """A SIGKILLed run leaves its holder file behind; the one holding the folder now is a run inside it."""
+    from files import folder_lock
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "ckpt" / HOLDER_FILE).write_text(f"pid {dead.stdout.strip()}: python main.py --checkpoint-dir ckpt\n")
+    argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
+    with folder_lock(str(out / "ckpt" / "member1")):
+        code, _, err = cli(capsys, main, *argv)
+    assert_user_error(code, err, f"--checkpoint-dir {out / 'ckpt'}: in use by another run (a run in a folder inside it)")
+
+
 def test_two_runs_never_share_a_report_folder(capsys, tmp_path, out):
     """Each run locks its --report folder as it locks its --checkpoint-dir: two runs with their own
     checkpoints but the default reports/ would mix one's page with the other's tables."""
@@ -1037,6 +1048,13 @@ def test_two_runs_never_share_a_report_folder(capsys, tmp_path, out):
         code, stdout, err = cli(capsys, main, *argv)
         assert_user_error(code, err, f"--report {out / 'rep'}: in use by another run (pid {os.getpid()}:")
         assert "epoch" not in stdout and snapshot(out) == before
+        code, _, err = cli(capsys, inference, "--checkpoint", out / "ckpt" / "best.pt", "--input", data / "train.csv",
+                           "--report", out / "rep")  # inference.py's report too
+        assert_user_error(code, err, f"--report {out / 'rep'}: in use by another run (pid {os.getpid()}:")
+        assert snapshot(out) == before
+    code, _, err = cli(capsys, inference, "--checkpoint", out / "ckpt" / "best.pt", "--input", data / "train.csv",
+                       "--report", out / "rep")
+    assert (code, err) == (0, []) and not (out / "rep" / HOLDER_FILE).exists()
     code, _, err = cli(capsys, main, *argv[:-1], out / "ckpt" / "rep")  # inside its own checkpoint folder
     assert (code, err) == (0, []) and (out / "ckpt" / "rep" / "index.html").exists()
     assert not (out / "ckpt" / "rep" / HOLDER_FILE).exists() and not (out / "ckpt" / HOLDER_FILE).exists()
