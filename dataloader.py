@@ -109,6 +109,18 @@ def source_files(path, name):
     return [path]
 
 
+def names_read_as_data(path):
+    """[(path, why)] of the CSV names in the data's folder (`path` itself, or the folder of a
+    zip) that a later run reading that folder would take as its data: an output written there
+    (`--output data/train.csv` beside the zip) would stand in for the real data."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) if _is_zip(path) else None
+    if folder is None:  # a CSV given by its own path: the user names every file
+        return []
+    return [(os.path.join(folder, name + ending), f"later runs would read it as the {kind} data in "
+             f"{os.path.join(folder, '')}") for name, kind in (("train.csv", "training"), ("test.csv", "test"))
+            for ending in ("", ".gz")]
+
+
 def _csv_files_in(folder, name):
     """The files in `folder` named `name` or `name`.gz (the .gz in any case, as _open_file reads it)."""
     try:

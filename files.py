@@ -228,12 +228,13 @@ def check_replaces_only(flag, path, kind):
                           f"move that file or give another path")
 
 
-def check_outputs(outputs, inputs):
+def check_outputs(outputs, inputs, reserved=()):
     """OutputError unless every output can be written and clobbers nothing it must not.
 
-    outputs: [(flag, path, Kind)] of every file the run will write; inputs: paths it reads.
-    An output may not be an input (it would replace the user's data) or another output
-    (one would overwrite the other), and replaces only a file of its Kind.
+    outputs: [(flag, path, Kind)] of every file the run will write; inputs: paths it reads;
+    reserved: [(path, why)] of paths no output may take. An output may not be an input (it
+    would replace the user's data) or another output (one would overwrite the other), and
+    replaces only a file of its Kind.
     """
     for flag, path, _ in outputs:
         if not path:  # before the comparisons: '' would resolve to the current folder
@@ -241,6 +242,7 @@ def check_outputs(outputs, inputs):
         if os.path.basename(path) in ("", ".", ".."):  # 'x/' or 'x/.': the checks below would not see x
             raise OutputError(f"{flag} {path}: ends in a folder, not a file name; give a file path")
     sources = {key: source for source in inputs if source for key in _identities(source)}
+    reasons = {key: why for path, why in reserved for key in _identities(path)}
     written = {}  # each identity of an earlier output -> (flag, path)
     folders = {}  # each folder above an earlier output -> (flag, path); a dict each: n outputs in n steps
     for flag, path, _ in outputs:
@@ -249,6 +251,8 @@ def check_outputs(outputs, inputs):
             if key in sources:
                 raise OutputError(f"{flag} {path}: is an input of this run ({sources[key]}); "
                                   f"writing there would destroy it, so choose another path")
+            if key in reasons:
+                raise OutputError(f"{flag} {path}: {reasons[key]}; choose another path")
             if key in written:
                 raise OutputError(f"{flag} {path}: is also the {written[key][0]} output of this run; "
                                   f"give each output its own path")

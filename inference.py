@@ -31,7 +31,7 @@ import torch
 from DigitRecognizerModel import NUM_CLASSES, CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, UserError, choose_device, path_argument, run_command
 from dataloader import (CHUNK_ROWS, DataError, DigitDataset, NoLabelColumn, find_data, iter_digit_csv, load_digit_csv,
-                        resolve_csv, source_files, warp)
+                        names_read_as_data, resolve_csv, source_files, warp)
 from files import HOLDER, HOLDER_FILE, Kind, atomic_open, check_outputs, folder_lock
 from report import report_files, write_report
 
@@ -248,7 +248,7 @@ def run(args, log=print):
     name = "train.csv" if args.report is not None else "test.csv"
     args.input = find_data(args.input, names=(name,))  # data/, the Kaggle CLI's zip, or a notebook's input
     inputs = [*args.checkpoint, *source_files(args.input, name)]
-    check_outputs(planned_outputs(args), inputs)
+    check_outputs(planned_outputs(args), inputs, names_read_as_data(args.input))
     device = choose_device(args.device)
     states, models = load_each_once(args.checkpoint, device)
     if args.tta is None:

@@ -35,8 +35,8 @@ from DigitRecognizerModel import CHECKPOINT, NUM_CLASSES, CheckpointError, build
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, escape_unprintable_output, fail,
                  flatten_settings, launched_world_size, path_argument, ranged, replace_settings,
                  settings_from_flags, sigterm_as_interrupt)
-from dataloader import (DataError, DigitDataset, check_training_set, find_data, load_test, load_train, source_files,
-                        stratified_split)
+from dataloader import (DataError, DigitDataset, check_training_set, find_data, load_test, load_train,
+                        names_read_as_data, source_files, stratified_split)
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
 from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, folder_lock
@@ -181,7 +181,7 @@ def check_run_outputs(options, recipe):
     if os.path.exists(options.checkpoint_dir) and not os.path.isdir(options.checkpoint_dir):
         raise OutputError(f"--checkpoint-dir {options.checkpoint_dir}: is a file, not a folder; pass a folder path")
     inputs = source_files(options.data, "train.csv") + source_files(options.data, "test.csv")
-    check_outputs(planned_outputs(options, recipe), inputs)
+    check_outputs(planned_outputs(options, recipe), inputs, names_read_as_data(options.data))
     check_no_stale_members(options, recipe)
 
 

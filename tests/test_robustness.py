@@ -557,6 +557,12 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
                                                  "--submission {}: is an input of this run"),
     "main --submission is the Kaggle zip that --data's folder holds": (
         main, "--submission", lambda t, o, d: kaggle_zip_only(d) / "digit-recognizer.zip", "--submission {}: is an input"),
+    "main --submission would stand in for the zip's test.csv": (
+        main, "--submission", lambda t, o, d: kaggle_zip_only(d) / "test.csv",
+        "--submission {}: later runs would read it as the test data in"),
+    "main --submission would stand in for the zip's train.csv": (
+        main, "--submission", lambda t, o, d: kaggle_zip_only(d) / "train.csv.gz",
+        "--submission {}: later runs would read it as the training data in"),
     "main --submission is a symlink to train.csv": (
         main, "--submission", lambda t, o, d: symlink(t / "link.csv", d / "train.csv"), "--submission {}: is an input"),
     "inference --output is a pipe": (inference, "--output", lambda t, o, d: fifo(t / "pipe.csv"),
@@ -606,6 +612,17 @@ def test_an_output_that_is_an_input_or_another_output_is_refused_before_anything
     code, stdout, err = cli(capsys, module, *argv)
     assert_user_error(code, err, expected.format(path))
     assert "data:" not in stdout and "epoch" not in stdout
+    assert snapshot(tmp_path) == before
+
+
+def test_inference_output_beside_the_kaggle_zip_that_later_runs_would_read_is_refused(capsys, tmp_path, out):
+    """The README's data/ holds only the zip: data/train.csv would be read instead of the zip's."""
+    data = kaggle_zip_only(write_data(tmp_path / "data"))
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, inference, "--checkpoint", out / "ckpt" / "best.pt", "--input", data,
+                       "--output", data / "train.csv")
+    assert_user_error(code, err, f"--output {data / 'train.csv'}: later runs would read it as the training data in "
+                                 f"{data}/; choose another path")
     assert snapshot(tmp_path) == before
 
 
