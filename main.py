@@ -457,6 +457,10 @@ def run(*, log=print, **flags):
     argv = []
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
+        # checked here: argparse would take a prefix of a setting (epoch=1) as the setting
+        if name not in actions and not (name.startswith("no_") and name[3:] in switches):
+            raise UserError(f"run({name}={value!r}): no such setting; the settings are main.py's flags, "
+                            f"with _ for - (python main.py --help)")
         if name == "report" and value is False:
             value = ""  # no report, as --report ''
         if value is None:
@@ -466,16 +470,15 @@ def run(*, log=print, **flags):
                 raise UserError(f"run({name}={value!r}): give True or False")
             argv += [flag] if value else [switches[name]] if switches[name] else []
         elif isinstance(value, bool):
-            fix = f"{flag} takes a value" if name in actions else "no such setting"
-            if name.startswith("no_") and name[3:] in switches:
-                fix = f"write {name[3:]}={not value}"
+            fix = f"write {name[3:]}={not value}" if name not in actions else f"{flag} takes a value"
             raise UserError(f"run({name}={value!r}): {fix}")
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:
             argv.append(f"{flag}={value}")  # one token: a value such as '-x.csv' is not read as a flag
     options, recipe = parse_args(argv, _RaisingParser)
-    return _run(options, recipe, log)
+    with torch.random.fork_rng():  # the run seeds torch; the notebook's own random stream goes on as it was
+        return _run(options, recipe, log)
 
 
 def main(argv=None) -> int:

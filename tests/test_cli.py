@@ -102,8 +102,11 @@ def test_help_shows_every_setting_flag_with_its_default_and_the_preset_differenc
 def test_run_returns_the_results_and_raises_user_error(tmp_path, kaggle_input):
     data = write_synthetic_kaggle_data(tmp_path / "d")
     lines = []
+    torch.manual_seed(42)
+    expected_next_draw = torch.rand(3, generator=torch.Generator().set_state(torch.get_rng_state()))
     results = main.run(data=str(data), epochs=1, widths=(4, 8, 8), batch_size=32, report="", device="cpu",
                        checkpoint_dir="ck", submission="sub.csv", log=lines.append)
+    assert torch.equal(torch.rand(3), expected_next_draw)  # the caller's random stream goes on as it was
     assert set(results) == {"histories", "val_accuracy", "checkpoints", "submission", "seconds", "recipe"}
     assert [len(h) for h in results["histories"]] == [1] and 0 <= results["val_accuracy"] <= 1
     assert results["checkpoints"] == [os.path.join("ck", "best.pt")] and results["submission"] == "sub.csv"
@@ -115,6 +118,8 @@ def test_run_returns_the_results_and_raises_user_error(tmp_path, kaggle_input):
         with pytest.raises(UserError):  # not SystemExit: a notebook kernel keeps running
             main.run(**bad, report="", checkpoint_dir="ck2", submission="sub2.csv")
     assert not os.path.exists("ck2") and not os.path.exists("sub2.csv")
+    with pytest.raises(UserError, match=r"^run\(epoch=1\): no such setting"):  # not taken as epochs=1
+        main.run(epoch=1)
 
 
 def test_main_restores_the_sigterm_handler_it_found(capsys, tmp_path, kaggle_input):
