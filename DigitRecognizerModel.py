@@ -13,6 +13,7 @@ then trains it and its checkpoints load.
 """
 
 import contextlib
+import io
 import os
 import pickle
 import re
@@ -25,7 +26,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from cli import UserError, first_sentence, setting
-from files import Kind, atomic_open
+from files import Kind, atomic_write_bytes
 
 # Mean and std of MNIST pixels scaled to [0, 1]; the model normalises its own input so
 # every caller feeds it plain [0, 1] images.
@@ -190,16 +191,14 @@ CHECKPOINT = Kind("a checkpoint", b"PK\x03\x04", (b"}q\x00(X\x0c\x00\x00\x00mode
 def save_checkpoint(path, model, **extra):
     """Write {'model_config', 'model', **extra} to `path` atomically (temp file + rename).
 
-    torch.save reports a full disk as RuntimeError ("unexpected pos"): that, like an
-    OSError, leaves the old file in place and becomes one line naming `path`.
+    Serialized in memory first (a few MB): torch.save writing to the disk itself reports a
+    full disk or a file size limit as one vague RuntimeError; this way it is the OSError
+    that names the cause, an OutputError naming `path`, and the old file stays.
     """
     state = {"model_config": asdict(model.config), "model": model.state_dict(), **extra}
-    try:
-        with atomic_open(path, "wb") as f:
-            torch.save(state, f)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: could not be written ({first_sentence(e)}); is the disk full? "
-                              f"The previous file, if any, is unchanged") from None
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 # torch's weights_only refusal is a paragraph; this finds its sentence naming the refused

@@ -488,6 +488,11 @@ def main(argv=None) -> int:
         with sigterm_as_interrupt():  # SIGTERM stops like Ctrl-C: last.pt holds the last whole epoch
             _run(options, recipe, print)
             close_distributed(wait_for_peers=True)
+    except OutputError as e:
+        code = fail(e)
+        if getattr(options, "training_started", False) and os.environ.get("RANK", "0") == "0":
+            print_resume_hint(argv, options, recipe, after_error=True)  # a write failed mid-run (a full disk)
+        return code
     except UserError as e:
         return fail(e)
     except TrainingDiverged as e:
@@ -508,16 +513,19 @@ def command_path(script):
     return script if folder == os.path.realpath(os.getcwd()) else os.path.join(folder, script)
 
 
-def print_resume_hint(argv, options, recipe):
+def print_resume_hint(argv, options, recipe, after_error=False):
+    """After Ctrl-C, or an error that stopped the run: how to go on (from last.pt where this run wrote one)."""
     flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
     script = shlex.quote(command_path("main.py"))
     command = f"torchrun <same options> {script}" if "WORLD_SIZE" in os.environ else f"python {script}"
     first_last_pt = os.path.join(member_folders(recipe, options.checkpoint_dir)[0], "last.pt")
     this_runs = options.resume or getattr(options, "training_started", False)  # else an earlier run's last.pt
     if options.dry_run or not this_runs or not os.path.exists(first_last_pt):
-        print("\ninterrupted before the first checkpoint; start again with the same command", file=sys.stderr)
+        if not after_error:  # the error's own line says what to do
+            print("\ninterrupted before the first checkpoint; start again with the same command", file=sys.stderr)
     else:
-        print(f"\ninterrupted; resume with: {command} --resume {shlex.join(flags)}".rstrip(), file=sys.stderr)
+        what = "the epochs done are kept; once that is fixed, resume" if after_error else "interrupted; resume"
+        print(f"\n{what} with: {command} --resume {shlex.join(flags)}".rstrip(), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -259,6 +259,26 @@ def test_ema_and_elastic_run_end_to_end_and_resume_exactly(capsys, data, tmp_pat
     assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
 
 
+def test_a_write_that_fails_mid_run_says_how_to_resume_once_fixed(capsys, data, tmp_path, monkeypatch):
+    """A full disk after epoch 1: the error line, then the resume command; a plain rerun would start over."""
+    from files import OutputError
+    run_epoch = trainer.Trainer.run_epoch
+
+    def fill_the_disk_in_epoch_2(self, epoch, bar):
+        if epoch == 1:
+            raise OutputError(f"{self.paths['last.pt']}: cannot write: the disk is full; free space or choose "
+                              f"another location")
+        return run_epoch(self, epoch, bar)
+    monkeypatch.setattr(trainer.Trainer, "run_epoch", fill_the_disk_in_epoch_2)
+    code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path))
+    assert code == 2 and err[0].startswith("error: ") and "the disk is full" in err[0]
+    assert err[-1].startswith(f"the epochs done are kept; once that is fixed, resume with: python "
+                              f"{os.path.realpath(ROOT)}/main.py --resume ")
+    monkeypatch.undo()
+    code, stdout, err = cli(capsys, main, *shlex.split(err[-1].split("main.py ")[1]))
+    assert (code, err) == (0, []) and "after epoch 1/2" in stdout
+
+
 def test_resumed_ensemble_continues_the_member_cut_off_and_starts_the_ones_never_begun(capsys, data, tmp_path,
                                                                                        monkeypatch):
     flags = ["--ensemble", "3"]

@@ -31,7 +31,6 @@ import trainer
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint, save_checkpoint
 from conftest import (ROOT, ROWS, assert_user_error, cli, edit_cell, good_lines, make_digits, small_recipe, snapshot,
                       write_csv)
-from DigitRecognizerModel import CheckpointError
 from files import HOLDER_FILE, OutputError
 from dataloader import DigitDataset, augment
 
@@ -182,17 +181,28 @@ def save_half_then_raise(error):
     return save
 
 
-@pytest.mark.parametrize("error, raised", [
-    (KeyboardInterrupt(), KeyboardInterrupt),
-    (OSError(28, "No space left on device"), OutputError),
-    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"), CheckpointError),  # disk full
+def sync_fails(error):
+    def fsync(fd):  # stands in for os.fsync: the disk fills as the written file is flushed
+        raise error
+    return fsync
+
+
+@pytest.mark.parametrize("where, error, says", [
+    ("torch.save", KeyboardInterrupt(), None),
+    ("fsync", OSError(errno.ENOSPC, "No space left on device"), "cannot write: the disk is full; free space"),
+    ("fsync", OSError(errno.EFBIG, "File too large"), "cannot write: File too large"),
+    ("fsync", KeyboardInterrupt(), None),
 ])
-def test_checkpoint_write_that_fails_midway_keeps_the_old_file(tmp_path, monkeypatch, error, raised):
+def test_checkpoint_write_that_fails_midway_keeps_the_old_file(tmp_path, monkeypatch, where, error, says):
     path = tmp_path / "best.pt"
     save_checkpoint(path, DigitRecognizerModel(ModelConfig()), epoch=1)
     before = snapshot(tmp_path)
-    monkeypatch.setattr(torch, "save", save_half_then_raise(error))
-    with pytest.raises(raised, match=None if raised is KeyboardInterrupt else str(path)):
+    if where == "torch.save":
+        monkeypatch.setattr(torch, "save", save_half_then_raise(error))
+    else:
+        monkeypatch.setattr(os, "fsync", sync_fails(error))
+    with pytest.raises(type(error) if says is None else OutputError, match=None if says is None else
+                       re.escape(f"{path}: {says}")):
         save_checkpoint(path, DigitRecognizerModel(ModelConfig()), epoch=2)
     assert snapshot(tmp_path) == before  # old bytes and mtime, no temp file left
     monkeypatch.undo()
