@@ -216,7 +216,7 @@ def run_command(run, args, failures=()) -> int:
     except failures as e:
         return fail(e, code=1)
     except KeyboardInterrupt:  # outputs are atomic: each one is complete or not there
-        print("\ninterrupted; an output not finished was not written", file=sys.stderr)
+        print("\ninterrupted; each output is either wholly written or as it was before", file=sys.stderr)
         return 130
     return 0
 

@@ -794,7 +794,7 @@ def test_ctrl_c_or_sigterm_during_inference_is_one_line_and_leaves_no_partial_fi
     before = snapshot(out)
     code, _, err = cli(capsys, inference, *inference_argv(write_data(tmp_path / "data") / "test.csv", out),
                        "--probs", out / "p.csv")
-    assert code == 130 and err == ["interrupted; an output not finished was not written"]
+    assert code == 130 and err == ["interrupted; each output is either wholly written or as it was before"]
     assert snapshot(out) == before  # no .tmp- file, the old outputs untouched
 
 
