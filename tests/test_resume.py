@@ -112,13 +112,16 @@ def test_kill_9_in_the_first_epoch_then_resume_matches_an_uninterrupted_run(caps
 # torch.save that SIGKILLs its own process halfway through writing last.pt after epoch 2.
 KILL_WHILE_SAVING_EPOCH_2 = """
 import os, signal, sys, torch
-save = torch.save
-def save_or_die(state, f):
-    if state.get("epoch") == 2 and "optimizer" in state:
-        f.write(b"PK\\x03\\x04 half a checkpoint"); f.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+save, fsync, dying = torch.save, os.fsync, []
+def save_and_mark(state, f):
+    if state.get("epoch") == 2 and "optimizer" in state:  # epoch 2's last.pt
+        dying.append(True)
     save(state, f)
-torch.save = save_or_die
+def fsync_or_die(fd):  # its bytes are in the temp file, not yet synced and renamed
+    if dying:
+        os.kill(os.getpid(), signal.SIGKILL)
+    fsync(fd)
+torch.save, os.fsync = save_and_mark, fsync_or_die
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(sys.argv[0]))
 import main
@@ -131,7 +134,7 @@ def test_kill_9_while_writing_last_pt_then_resume_matches(capsys, data, referenc
     done = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING_EPOCH_2, *command(data, tmp_path)[1:]],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 1  # the torn write never replaced it
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 1  # the write cut off never replaced it
     assert any(name.startswith(".tmp-") for name in os.listdir(tmp_path / "ckpt"))  # it is there, aside
     resume(capsys, *argv(data, tmp_path, "--resume"))
     assert_same_result(tmp_path, reference)
