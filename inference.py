@@ -253,15 +253,15 @@ def run(args, log=print):
     states, models = load_each_once(args.checkpoint, device)
     if args.tta is None:
         args.tta = trained_with_tta(states, log)
+    probs_output = atomic_open(args.probs) if args.probs else contextlib.nullcontext()
     if args.report is not None:  # locked as main.py locks its own: two reports never mix in one folder
-        with folder_lock(args.report, "--report"), atomic_open(args.probs) if args.probs else \
-                contextlib.nullcontext() as probs_file:
+        with folder_lock(args.report, "--report"), probs_output as probs_file:
             probs, _ = report_file(models, args.input, args.report, device, tta=args.tta,
                                    checkpoints=args.checkpoint, log=log)
             if probs_file is not None:
                 write_probability_rows(probs_file, probs)
         return len(probs)
-    with atomic_open(args.probs) if args.probs else contextlib.nullcontext() as probs_file:
+    with probs_output as probs_file:
         predictions = predict_file(models, args.input, device, tta=args.tta, probs_file=probs_file, log=log)
         write_submission(args.output, predictions)
     log(f"wrote {args.output} ({len(predictions):,} rows) from {len(models)} checkpoint(s)"

@@ -298,6 +298,7 @@ def write_run_report(options, recipe, histories, sets, probabilities, seconds, l
     if not len(val_set):
         log(f"no report in {options.report}: --full-train leaves no validation images to report on")
         return
+    caveat = figure_caveat(recipe)
     settings = {"preset": options.preset, "seed": options.seed, "data": options.data,
                 **{key: ", ".join(map(str, v)) if isinstance(v, tuple) else v
                    for key, v in flatten_settings(recipe).items()}}
@@ -305,7 +306,7 @@ def write_run_report(options, recipe, histories, sets, probabilities, seconds, l
                  train_set=full, log=log, line_numbers=val_set.line_numbers, test_images=test_images,
                  test_probabilities=test_probs, recipe=settings,
                  summary={"models": len(histories), "seconds to train and predict": round(seconds),
-                          **({"note": figure_caveat(recipe)} if figure_caveat(recipe) else {})},
+                          **({"note": caveat} if caveat else {})},
                  name="out-of-fold" if recipe.ensemble.folds else "validation")
 
 
