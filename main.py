@@ -451,7 +451,9 @@ def run(*, log=print, **flags):
     """
     if not callable(log):
         raise UserError(f"run(log={log!r}): give a function that takes a line, such as print")
-    actions = {action.dest: action for action in build_parser()._actions if action.dest != "help"}
+    # keyword -> its flag's action: rotate= is --rotate, whose value argparse keeps as rotate_deg
+    actions = {action.option_strings[0][2:].replace("-", "_"): action for action in build_parser()._actions
+               if action.dest != "help"}
     # on/off flag -> the flag that turns it off: --no-tta; '' for --resume, which is off unless given
     switches = {name: next((s for s in action.option_strings if s.startswith("--no-")), "")
                 for name, action in actions.items() if action.nargs == 0}

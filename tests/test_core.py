@@ -297,6 +297,8 @@ def test_run_takes_false_for_every_on_off_flag(monkeypatch):
     assert (seen["recipe"].ensemble.tta, seen["recipe"].ensemble.full_train) == (False, True)
     main.run(resume=True, tta=True)
     assert seen["options"].resume and seen["recipe"].ensemble.tta
+    main.run(rotate=5, elastic=2)  # flags whose settings have other names (rotate_deg, elastic_alpha)
+    assert (seen["recipe"].augment.rotate_deg, seen["recipe"].augment.elastic_alpha) == (5, 2)
     main.run(submission="-x.csv", checkpoint_dir="-ck")  # values that start like a flag
     assert (seen["options"].submission, seen["options"].checkpoint_dir) == ("-x.csv", "-ck")
 
