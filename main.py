@@ -197,14 +197,17 @@ def check_no_stale_members(options, recipe):
 
 
 def remove_earlier_run(options, recipe):
-    """A fresh run removes the checkpoints an earlier run left in its member folders, which it
-    would overwrite anyway: cut short, it would leave `member*/best.pt` mixing the two runs, and
-    a --resume of it would take a member holding a last.pt as begun and continue the earlier run's."""
+    """A fresh run removes what an earlier run left in its member folders, which it would
+    overwrite anyway: every last.pt (a --resume of this run would take a member holding one as
+    begun, and continue the earlier run's), and the checkpoints of every member after the first
+    (cut short, this run would leave `member*/best.pt` mixing the two runs). The first model's
+    best.pt stays until this run's replaces it, so a run that fails at once still leaves one.
+    A link keeps pointing where it did: its target goes."""
     for checkpoint_dir in round_folders(options, recipe):
-        for folder in member_folders(recipe, checkpoint_dir):
-            for name in CHECKPOINT_FILES:
+        for index, folder in enumerate(member_folders(recipe, checkpoint_dir)):
+            for name in CHECKPOINT_FILES if index else ["last.pt"]:
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(folder, name))
+                    os.remove(os.path.realpath(os.path.join(folder, name)))
 
 
 def load_data(options, recipe, log):

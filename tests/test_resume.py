@@ -262,6 +262,29 @@ def test_ema_and_elastic_run_end_to_end_and_resume_exactly(capsys, data, tmp_pat
     assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
 
 
+def test_a_fresh_run_that_fails_at_once_keeps_the_earlier_best_pt(capsys, data, tmp_path, monkeypatch):
+    """The earlier last.pt goes (a --resume must not continue it), its best.pt stays until replaced."""
+    assert cli(capsys, main, *tiny_argv(data, tmp_path))[0] == 0
+    best = (tmp_path / "ckpt" / "best.pt").read_bytes()
+
+    def diverge(self, epoch, bar):
+        raise trainer.TrainingDiverged("loss became nan in epoch 1; lower --lr")
+    monkeypatch.setattr(trainer.Trainer, "run_epoch", diverge)
+    assert cli(capsys, main, *tiny_argv(data, tmp_path))[0] == 1
+    assert (tmp_path / "ckpt" / "best.pt").read_bytes() == best
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 0  # this run's, not the earlier run's
+
+
+def test_an_earlier_members_checkpoint_that_is_a_link_stays_a_link(capsys, data, tmp_path):
+    assert cli(capsys, main, *tiny_argv(data, tmp_path, "--ensemble", "2"))[0] == 0
+    link, target = tmp_path / "ckpt" / "member2" / "best.pt", tmp_path / "kept" / "best.pt"
+    target.parent.mkdir()
+    link.rename(target)
+    link.symlink_to(target)
+    assert cli(capsys, main, *tiny_argv(data, tmp_path, "--ensemble", "2", "--seed", "1"))[0] == 0
+    assert link.is_symlink() and load_checkpoint(target)["identity"]["seed"] == 2  # member 2 of seed 1
+
+
 def test_a_write_that_fails_mid_run_says_how_to_resume_once_fixed(capsys, data, tmp_path, monkeypatch):
     """A full disk after epoch 1: the error line, then the resume command; a plain rerun would start over."""
     from files import OutputError
@@ -370,7 +393,6 @@ def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data,
     code, _, err = cli(capsys, main, *tiny_argv(data, tmp_path))
     assert code == 130
     assert err[-1] == "interrupted before the first checkpoint; start again with the same command"
-    if earlier_run and during != "reading":  # a fresh run removes an earlier run's checkpoints first
-        for name in ("last.pt", "best.pt", "history.csv"):
-            del before[f"ckpt/{name}"]
+    if earlier_run and during != "reading":  # a fresh run removes an earlier run's resume point first
+        del before["ckpt/last.pt"]  # and keeps its best.pt until it has its own
     assert snapshot(tmp_path) == before and (earlier_run or not (tmp_path / "ckpt").exists())
