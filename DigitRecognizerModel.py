@@ -12,7 +12,6 @@ and, optionally, its own DEFAULT_WIDTHS and DEFAULT_DROPOUT), decorated with `@r
 then trains it and its checkpoints load.
 """
 
-import contextlib
 import io
 import os
 import pickle
@@ -245,9 +244,10 @@ def _check_records(path):
     """CheckpointError for a zip that torch.save did not write: no pickle record, or compressed
     records (torch.save stores them as they are), which torch.load would inflate whatever
     their size: a 1 MB file can hold gigabytes of zeros."""
-    with contextlib.suppress(OSError, zipfile.BadZipFile):  # not a zip (torch's older format): torch.load judges
+    damaged = f"{path}: damaged ({{}}); use another copy, or train again"
+    try:
         if not zipfile.is_zipfile(path):
-            return
+            return  # not a zip (torch's older format): torch.load judges
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
             if not any(r.filename.endswith("/data.pkl") for r in records):
@@ -256,10 +256,15 @@ def _check_records(path):
             if any(r.compress_type != zipfile.ZIP_STORED for r in records):
                 raise CheckpointError(f"{path}: its records are compressed, which torch.save never does, so it was "
                                       f"repacked or crafted; pass the file torch.save wrote")
-            damaged = archive.testzip()  # torch.load skips the CRCs torch.save wrote: a changed weight would load
-        if damaged:
-            raise CheckpointError(f"{path}: damaged (the CRC of its record {damaged} does not match); use another "
-                                  f"copy, or train again")
+            # torch.load skips the CRCs torch.save wrote, so a changed weight would load; all 0: written
+            # with torch's CRCs turned off, nothing to check
+            bad_record = None if all(r.CRC == 0 for r in records) else archive.testzip()
+    except (OSError, zipfile.BadZipFile):
+        return  # unreadable, or no zip after all: torch.load says what it is
+    except (RuntimeError, NotImplementedError, EOFError, ValueError) as e:  # a flipped flag reads as "encrypted"
+        raise CheckpointError(damaged.format(first_sentence(e))) from None
+    if bad_record:
+        raise CheckpointError(damaged.format(f"the CRC of its record {bad_record} does not match"))
 
 
 def model_from_checkpoint(state: dict, path="checkpoint") -> nn.Module:

@@ -345,6 +345,13 @@ def write_with_a_weight_changed(path, marker, good):
     path.write_bytes(bytes(data))
 
 
+def write_with_a_flag_flipped(path, marker, good):
+    """The "encrypted" bit of one record's directory entry set, as one flipped bit would."""
+    data = bytearray(good.read_bytes())
+    data[data.rindex(b"PK\x01\x02") + 8] |= 1
+    path.write_bytes(bytes(data))
+
+
 BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the error line must say)
     "malicious torch.save": (write_malicious_torch_save, "refused to load"),
     "malicious pickle": (write_malicious_pickle, "refused to load"),
@@ -365,6 +372,7 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
     "a crafted pickle record": (write_with_record(b"\x80\x02K\x01Q."), "not a checkpoint (its bytes are not a saved"),
     "compressed records": (write_repacked(zipfile.ZIP_DEFLATED), "its records are compressed, which torch.save never"),
     "a weight changed": (write_with_a_weight_changed, "damaged (the CRC of its record archive/data/"),
+    "a flag bit flipped": (write_with_a_flag_flipped, "damaged (File 'archive/"),
     "a zip that is not a checkpoint": (lambda path, marker, good: zipfile.ZipFile(path, "w").writestr("train.csv", "x"),
                                        "is a zip but not a PyTorch checkpoint (no data.pkl in it)"),
     "an extra huge view among the weights": (
@@ -414,6 +422,18 @@ def test_bad_checkpoint_is_one_line_exit_2(capsys, tmp_path, out, case, command)
     code, _, err = cli(capsys, command, *argv, "--checkpoint", path)
     assert_user_error(code, err, path, expected)
     assert not marker.exists() and snapshot(out) == before
+
+
+def test_a_checkpoint_saved_with_torchs_crcs_off_loads(tmp_path):
+    """torch.serialization.set_crc32_options(False) writes 0 for every CRC: nothing to check, not damage."""
+    torch.serialization.set_crc32_options(False)
+    try:
+        save_checkpoint(tmp_path / "best.pt", DigitRecognizerModel(ModelConfig()), epoch=3)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(tmp_path / "best.pt") as archive:
+        assert {record.CRC for record in archive.infolist()} == {0}
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 3
 
 
 def test_malicious_checkpoint_runs_no_code_through_the_real_command_line(tmp_path, out):
