@@ -251,7 +251,7 @@ def check_outputs(outputs, inputs, reserved=()):
             if key in sources:
                 raise OutputError(f"{flag} {path}: is an input of this run ({sources[key]}); "
                                   f"writing there would destroy it, so choose another path")
-            if key in reasons:
+            if key in reasons and not os.path.lexists(path):  # an existing file: replaced only if this suite's
                 raise OutputError(f"{flag} {path}: {reasons[key]}; choose another path")
             if key in written:
                 raise OutputError(f"{flag} {path}: is also the {written[key][0]} output of this run; "

@@ -591,7 +591,7 @@ COLLISIONS = {  # case: (command, flag, its value for (tmp_path, out, data folde
         main, "--submission", lambda t, o, d: kaggle_zip_only(d) / "test.csv",
         "--submission {}: later runs would read it as the test data in"),
     "main --submission would stand in for the zip's train.csv": (
-        main, "--submission", lambda t, o, d: kaggle_zip_only(d) / "train.csv.gz",
+        main, "--submission", lambda t, o, d: kaggle_zip_only(d) / "train.csv.GZ",
         "--submission {}: later runs would read it as the training data in"),
     "main --submission is a symlink to train.csv": (
         main, "--submission", lambda t, o, d: symlink(t / "link.csv", d / "train.csv"), "--submission {}: is an input"),
@@ -645,7 +645,8 @@ def test_an_output_that_is_an_input_or_another_output_is_refused_before_anything
     assert snapshot(tmp_path) == before
 
 
-def test_inference_output_beside_the_kaggle_zip_that_later_runs_would_read_is_refused(capsys, tmp_path, out):
+def test_inference_output_beside_the_kaggle_zip_that_later_runs_would_read_is_refused(capsys, tmp_path, out,
+                                                                                       monkeypatch):
     """The README's data/ holds only the zip: data/train.csv would be read instead of the zip's."""
     data = kaggle_zip_only(write_data(tmp_path / "data"))
     before = snapshot(tmp_path)
@@ -654,6 +655,12 @@ def test_inference_output_beside_the_kaggle_zip_that_later_runs_would_read_is_re
     assert_user_error(code, err, f"--output {data / 'train.csv'}: later runs would read it as the training data in "
                                  f"{data}/; choose another path")
     assert snapshot(tmp_path) == before
+    monkeypatch.chdir(tmp_path)  # data/ is where `python main.py` looks first, whatever this command reads
+    elsewhere = write_data(tmp_path / "elsewhere")
+    code, _, err = cli(capsys, inference, "--checkpoint", out / "ckpt" / "best.pt", "--input", elsewhere / "test.csv",
+                       "--output", "data/test.csv")
+    assert_user_error(code, err, "--output data/test.csv: later runs would read it as the test data in data/")
+    assert not (data / "test.csv").exists()
 
 
 def test_report_folder_may_be_the_data_folder():
