@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import socket
 import stat
 import sys
 import tempfile
@@ -278,11 +279,14 @@ HOLDER = Kind("a run lock file", b"pid ")
 
 def _holder(folder, otherwise):
     """The holder file's line while its process lives; else `otherwise`: a run in a folder inside
-    holds a shared lock and writes no holder file here, and a killed run leaves a stale one."""
+    holds a shared lock and writes no holder file here, and a killed run leaves a stale one.
+    A process on another machine (a shared disk) cannot be looked up from here: its line stands."""
     with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, HOLDER_FILE), errors="replace") as f:
         line = f.read().strip()
-        with contextlib.suppress(PermissionError):  # another user's process: alive
-            os.kill(int(line.split(":")[0].removeprefix("pid ")), 0)  # ProcessLookupError once it is gone
+        pid, host = line.split(":")[0].removeprefix("pid ").partition(" on ")[::2]
+        if host in ("", socket.gethostname()):
+            with contextlib.suppress(PermissionError):  # another user's process: alive
+                os.kill(int(pid), 0)  # ProcessLookupError once it is gone
         return line
     return otherwise
 
@@ -326,7 +330,7 @@ def folder_lock(folder, flag="--checkpoint-dir"):
             except OSError:
                 continue  # a file system without flock up there: no run can hold it either
         holder_file = os.path.join(absolute, HOLDER_FILE)
-        atomic_write_text(holder_file, f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+        atomic_write_text(holder_file, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n")
         try:
             yield
         finally:

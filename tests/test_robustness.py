@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import zipfile
@@ -785,7 +786,7 @@ def test_second_run_on_a_checkpoint_folder_in_use_is_refused_and_a_dead_holder_b
     with folder_lock(str(out / "ckpt")):
         before = snapshot(out)
         code, stdout, err = cli(capsys, main, *argv)
-        assert_user_error(code, err, f"--checkpoint-dir {out / 'ckpt'}: in use by another run (pid {os.getpid()}:")
+        assert_user_error(code, err, f"--checkpoint-dir {out / 'ckpt'}: in use by another run (pid {os.getpid()} on {socket.gethostname()}:")
         assert "epoch" not in stdout
         assert snapshot(out) == before
     (out / "ckpt" / HOLDER_FILE).write_text("pid 999999: python main.py\n")  # what a kill -9'd holder leaves
@@ -1069,7 +1070,7 @@ def test_an_output_that_is_a_loop_of_symlinks_is_refused_and_stays_a_link(capsys
 
 @pytest.mark.parametrize("held, used, says", [
     ("ckpt", "ckpt/member1", "--checkpoint-dir {out}/ckpt/member1: is inside {out}/ckpt, a folder another run "
-                             "holds (pid {pid}:"),
+                             "holds (pid {pid} on {host}:"),
     ("ckpt/member1", "ckpt", "--checkpoint-dir {out}/ckpt: in use by another run (a run in a folder inside it)"),
 ])
 def test_a_run_inside_another_runs_checkpoint_folder_is_refused(capsys, tmp_path, out, held, used, says):
@@ -1081,9 +1082,16 @@ def test_a_run_inside_another_runs_checkpoint_folder_is_refused(capsys, tmp_path
     with folder_lock(str(out / held)):
         before, folders_before = snapshot(out), folders()
         code, stdout, err = cli(capsys, main, *argv)
-        assert_user_error(code, err, says.format(out=out, pid=os.getpid()))
+        assert_user_error(code, err, says.format(out=out, pid=os.getpid(), host=socket.gethostname()))
         assert "epoch" not in stdout and snapshot(out) == before
         assert folders() == folders_before  # not even the empty folder it would have used
+
+
+def test_a_holder_on_another_machine_is_named_as_it_wrote_itself(tmp_path):
+    """A shared disk: its pid cannot be looked up here, so its own line stands."""
+    from files import _holder
+    (tmp_path / HOLDER_FILE).write_text(f"pid 1 on not-{socket.gethostname()}: python main.py\n")
+    assert _holder(str(tmp_path), otherwise="?") == f"pid 1 on not-{socket.gethostname()}: python main.py"
 
 
 def test_a_killed_runs_holder_file_is_not_named_as_the_holder(capsys, tmp_path, out):
@@ -1106,11 +1114,11 @@ def test_two_runs_never_share_a_report_folder(capsys, tmp_path, out):
     with folder_lock(str(out / "rep"), "--report"):
         before = snapshot(out)
         code, stdout, err = cli(capsys, main, *argv)
-        assert_user_error(code, err, f"--report {out / 'rep'}: in use by another run (pid {os.getpid()}:")
+        assert_user_error(code, err, f"--report {out / 'rep'}: in use by another run (pid {os.getpid()} on {socket.gethostname()}:")
         assert "epoch" not in stdout and snapshot(out) == before
         code, _, err = cli(capsys, inference, "--checkpoint", out / "ckpt" / "best.pt", "--input", data / "train.csv",
                            "--report", out / "rep")  # inference.py's report too
-        assert_user_error(code, err, f"--report {out / 'rep'}: in use by another run (pid {os.getpid()}:")
+        assert_user_error(code, err, f"--report {out / 'rep'}: in use by another run (pid {os.getpid()} on {socket.gethostname()}:")
         assert snapshot(out) == before
     code, _, err = cli(capsys, inference, "--checkpoint", out / "ckpt" / "best.pt", "--input", data / "train.csv",
                        "--report", out / "rep")
