@@ -44,7 +44,7 @@ from inference import SUBMISSION, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
 from report import report_files, write_report
 from trainer import (HISTORY, TrainingDiverged, close_distributed, init_distributed, rank_and_world_size,
-                     share_from_rank_0, train)
+                     share_from_rank_0, train, wait_for_peers)
 
 CHECKPOINT_FILES = {"best.pt": CHECKPOINT, "last.pt": CHECKPOINT, "history.csv": HISTORY}  # in each member's folder
 DRY_RUN_ROWS = 1000  # train.csv rows (at least) and test.csv rows a dry run trains and predicts on
@@ -392,6 +392,7 @@ def train_and_submit(options, recipe, device, log=print):
             if options.report:
                 write_run_report(options, recipe, histories, (full, val_set, test_images), (val_probs, test_probs),
                                  time.perf_counter() - started, log)
+    wait_for_peers()  # every rank returns once rank 0 has written
     seconds = time.perf_counter() - started
     log(f"wrote {options.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
     checkpoints = [os.path.join(m.folder, "best.pt") for m in members]  # under --pseudo-label, round 2's
@@ -483,8 +484,14 @@ def run(*, log=print, **flags):
         else:
             argv.append(f"{flag}={value}")  # one token: a value such as '-x.csv' is not read as a flag
     options, recipe = parse_args(argv, _RaisingParser)
-    with torch.random.fork_rng():  # the run seeds torch; the notebook's own random stream goes on as it was
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
         return _run(options, recipe, log)
+    finally:  # the run seeds torch; the notebook's own random streams go on as they were
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def main(argv=None) -> int:
@@ -493,7 +500,6 @@ def main(argv=None) -> int:
     try:
         with sigterm_as_interrupt():  # SIGTERM stops like Ctrl-C: last.pt holds the last whole epoch
             _run(options, recipe, print)
-            close_distributed(wait_for_peers=True)
     except OutputError as e:
         code = fail(e)
         if getattr(options, "training_started", False) and os.environ.get("RANK", "0") == "0":

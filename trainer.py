@@ -103,12 +103,16 @@ def init_distributed(device):
     return device
 
 
-def close_distributed(wait_for_peers=False):
+def wait_for_peers():
+    """Each rank waits until every rank gets here (nothing without a process group). After a
+    run, rank 0 finishes writing first: a rank that exits, tearing gloo down, while its peer is
+    busy can abort ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
-        if wait_for_peers:
-            # After a good run, let rank 0 finish writing first: a rank that tears gloo down
-            # while its peer is busy can abort ("terminate called without an active exception").
-            dist.barrier()
+        dist.barrier()
+
+
+def close_distributed():
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

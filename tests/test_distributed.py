@@ -124,7 +124,7 @@ from main import run
 for n in range(2):  # a notebook cell run twice under torchrun: the second joins a new process group
     results = run(data={data!r}, checkpoint_dir={out!r} + f"/ck{{n}}", submission={out!r} + f"/sub{{n}}.csv",
                   preset="fast", epochs=1, batch_size=32, report=False, device="cpu")
-    print("run", n, "ok")
+    print(f"run {{n}} ok", flush=True)  # one write: the two processes share stdout
 """
 
 
