@@ -256,6 +256,8 @@ def _check_records(path):
             if any(r.compress_type != zipfile.ZIP_STORED for r in records):
                 raise CheckpointError(f"{path}: its records are compressed, which torch.save never does, so it was "
                                       f"repacked or crafted; pass the file torch.save wrote")
+            if any(r.is_dir() or r.external_attr & 0x10 for r in records):  # torch.load reads a "folder" as empty
+                raise CheckpointError(damaged.format("a record is marked as a folder, which torch.save never writes"))
             # torch.load skips the CRCs torch.save wrote, so a changed weight would load; all 0: written
             # with torch's CRCs turned off, nothing to check
             bad_record = None if all(r.CRC == 0 for r in records) else archive.testzip()

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from DigitRecognizerModel import build_model, count_parameters
 from cli import ArgumentParser, choose_device, path_argument, run_command
-from dataloader import DataError, DigitDataset, find_data, load_test, load_train, source_files, stratified_split
+from dataloader import (DataError, DigitDataset, find_data, load_test, load_train, names_read_as_data, source_files,
+                        stratified_split)
 from export import onnxruntime_images_per_s
 from files import Kind, atomic_write_text, check_outputs
 from inference import load_models, predict_file, predict_probs
@@ -125,8 +126,8 @@ def train_step_figures(recipe, full, device, peak_gflops):
 
 def run(args):
     args.data = find_data(args.data)
-    check_outputs([("--output", args.output, RESULTS)],
-                  source_files(args.data, "train.csv") + source_files(args.data, "test.csv"))
+    inputs = source_files(args.data, "train.csv") + source_files(args.data, "test.csv")
+    check_outputs([("--output", args.output, RESULTS)], inputs, names_read_as_data(args.data))
     device = choose_device("cpu")
     recipe = preset("fast" if args.quick else "default")
     results = {"preset": "fast" if args.quick else "default", "torch": torch.__version__, "machine": cpu_peak()}

@@ -281,10 +281,13 @@ def _holder(folder, otherwise):
     """The holder file's line while its process lives; else `otherwise`: a run in a folder inside
     holds a shared lock and writes no holder file here, and a killed run leaves a stale one.
     A process on another machine (a shared disk) cannot be looked up from here: its line stands."""
-    with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, HOLDER_FILE), errors="replace") as f:
+    with contextlib.suppress(OSError, ValueError, OverflowError), open(os.path.join(folder, HOLDER_FILE),
+                                                                       errors="replace") as f:
         line = f.read().strip()
-        pid, host = line.split(":")[0].removeprefix("pid ").partition(" on ")[::2]
+        pid, host = line.partition(": ")[0].removeprefix("pid ").partition(" on ")[::2]
         if host in ("", socket.gethostname()):
+            if int(pid) <= 0:  # os.kill would signal a process group
+                raise ValueError(pid)
             with contextlib.suppress(PermissionError):  # another user's process: alive
                 os.kill(int(pid), 0)  # ProcessLookupError once it is gone
         return line

@@ -202,12 +202,14 @@ def remove_earlier_run(options, recipe):
     begun, and continue the earlier run's), and the checkpoints of every member after the first
     (cut short, this run would leave `member*/best.pt` mixing the two runs). The first model's
     best.pt stays until this run's replaces it, so a run that fails at once still leaves one.
-    A link keeps pointing where it did: its target goes."""
+    A link stays, and so does its target, which may be outside the locked folder: this run
+    writes through it."""
     for checkpoint_dir in round_folders(options, recipe):
         for index, folder in enumerate(member_folders(recipe, checkpoint_dir)):
-            for name in CHECKPOINT_FILES if index else ["last.pt"]:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.realpath(os.path.join(folder, name)))
+            for path in [os.path.join(folder, name) for name in (CHECKPOINT_FILES if index else ["last.pt"])]:
+                if not os.path.islink(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
 
 
 def load_data(options, recipe, log):

@@ -27,6 +27,8 @@ def test_bench_refuses_to_write_over_its_input_and_data_too_small_to_time(kaggle
     before = snapshot(kaggle_dir)
     code, _, err = cli(capsys, bench, "--data", kaggle_dir, "--output", kaggle_dir / "train.csv")
     assert_user_error(code, err, "--output", "is an input of this run")
+    code, _, err = cli(capsys, bench, "--data", kaggle_dir, "--output", kaggle_dir / "test.csv.gz")
+    assert_user_error(code, err, "--output", "later runs would read it as the test data in")
     code, _, err = cli(capsys, bench, "--quick", "--data", kaggle_dir, "--output", "bench.json")
     assert_user_error(code, err, "train.csv rows; bench.py times whole epochs")
     assert snapshot(kaggle_dir) == before

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import zipfile
@@ -353,6 +354,20 @@ def write_with_a_flag_flipped(path, marker, good):
     path.write_bytes(bytes(data))
 
 
+def write_with_a_record_marked_as_a_folder(path, marker, good):
+    """The folder bit of a weight record's file attributes set: zipfile ignores it, torch.load
+    reads the record as empty and the weights as whatever memory held."""
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    entry = data.index(b"PK\x01\x02")  # the first directory entry
+    while data[entry + 46:entry + 46 + len(record.filename)] != record.filename.encode():
+        names, extra, comment = struct.unpack("<HHH", data[entry + 28:entry + 34])
+        entry += 46 + names + extra + comment
+    data[entry + 38] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
 BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the error line must say)
     "malicious torch.save": (write_malicious_torch_save, "refused to load"),
     "malicious pickle": (write_malicious_pickle, "refused to load"),
@@ -374,6 +389,7 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
     "compressed records": (write_repacked(zipfile.ZIP_DEFLATED), "its records are compressed, which torch.save never"),
     "a weight changed": (write_with_a_weight_changed, "damaged (the CRC of its record archive/data/"),
     "a flag bit flipped": (write_with_a_flag_flipped, "damaged (File 'archive/"),
+    "a record marked as a folder": (write_with_a_record_marked_as_a_folder, "damaged (a record is marked as a folder"),
     "a zip that is not a checkpoint": (lambda path, marker, good: zipfile.ZipFile(path, "w").writestr("train.csv", "x"),
                                        "is a zip but not a PyTorch checkpoint (no data.pkl in it)"),
     "an extra huge view among the weights": (
@@ -1092,6 +1108,13 @@ def test_a_holder_on_another_machine_is_named_as_it_wrote_itself(tmp_path):
     from files import _holder
     (tmp_path / HOLDER_FILE).write_text(f"pid 1 on not-{socket.gethostname()}: python main.py\n")
     assert _holder(str(tmp_path), otherwise="?") == f"pid 1 on not-{socket.gethostname()}: python main.py"
+
+
+@pytest.mark.parametrize("pid", ["99999999999999999999", "0", "-1", "x"])
+def test_a_holder_file_with_an_impossible_pid_is_not_named(tmp_path, pid):
+    from files import _holder
+    (tmp_path / HOLDER_FILE).write_text(f"pid {pid} on {socket.gethostname()}: python main.py\n")
+    assert _holder(str(tmp_path), otherwise="a run in a folder inside it") == "a run in a folder inside it"
 
 
 def test_a_killed_runs_holder_file_is_not_named_as_the_holder(capsys, tmp_path, out):
