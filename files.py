@@ -327,9 +327,9 @@ def folder_lock(folder, flag="--checkpoint-dir"):
             try:
                 fcntl.flock(descriptors[-1], fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise OutputError(f"{flag} {folder}: is inside {above}, a folder another run holds "
-                                  f"({_holder(above, otherwise='pid unknown')}); wait for it to finish or pass a folder "
-                                  f"outside it") from None
+                holder = _holder(above, otherwise="pid unknown")
+                raise OutputError(f"{flag} {folder}: is inside {above}, a folder another run holds ({holder}); "
+                                  f"wait for it to finish or pass a folder outside it") from None
             except OSError:
                 continue  # a file system without flock up there: no run can hold it either
         holder_file = os.path.join(absolute, HOLDER_FILE)

@@ -192,7 +192,8 @@ def _save(figure, path):
 
 
 def _show_digit(ax, image, title=None, fontsize=9):
-    ax.imshow(image.reshape(IMAGE_SIDE, IMAGE_SIDE).numpy(), cmap="gray_r", vmin=0, vmax=255 if image.dtype == torch.uint8 else 1)
+    ax.imshow(image.reshape(IMAGE_SIDE, IMAGE_SIDE).numpy(), cmap="gray_r", vmin=0,
+              vmax=255 if image.dtype == torch.uint8 else 1)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -365,7 +366,8 @@ def plot_augmentation(images, labels, config: AugmentConfig, path, views=AUGMENT
     picked = torch.cat([torch.nonzero(labels == digit).flatten()[:1] for digit in range(10)])
     originals = images[picked].float().div(255)
     generator = torch.Generator().manual_seed(seed)
-    warped = augment(originals.repeat(views, 1, 1, 1), config, generator).view(views, len(picked), 1, IMAGE_SIDE, IMAGE_SIDE)
+    warped = augment(originals.repeat(views, 1, 1, 1), config, generator)  # (views * 10, 1, 28, 28)
+    warped = warped.view(views, len(picked), 1, IMAGE_SIDE, IMAGE_SIDE)
     figure = _new_figure(len(picked) * 1.1 + 1.0, (views + 1) * 1.15 + 0.5)
     axes = figure.subplots(views + 1, len(picked), squeeze=False)
     for column, index in enumerate(picked.tolist()):
@@ -522,7 +524,8 @@ def _index_sections(name, figures, rows, mistakes, unsure, history, n_images, n_
                          pictures("test_predictions.png", "least_confident_test.png") +
                          [html_table(UNSURE_COLUMNS, unsure, f"the {len(unsure)} least confident test images")]))
     if history:
-        sections.append(("history", [html_table(list(history[0]), history, "one row per epoch of the last model trained")]))
+        sections.append(("history", [html_table(list(history[0]), history,
+                                                "one row per epoch of the last model trained")]))
     if not figures:
         sections.insert(0, ("figures", [f"<p>{html.escape(SKIPPED_NO_MATPLOTLIB)}</p>"]))
     return [(heading, blocks) for heading, blocks in sections if blocks]
