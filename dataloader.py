@@ -112,10 +112,12 @@ def source_files(path, name):
 def names_read_as_data(path):
     """[(path, why)] of the CSV names that a later run reading the data's folder (`path`
     itself, or the folder of a zip) or the default data/ would take as its data: an output
-    written there (`--output data/train.csv` beside the zip) would stand in for the real data."""
+    written there (`--output data/train.csv` beside the zip) would stand in for the real data,
+    also when the output would make data/ itself."""
     data_folder = path if os.path.isdir(path) else (os.path.dirname(path) or ".") if _is_zip(path) else None
     folders = [data_folder] if data_folder else []
-    if os.path.isdir("data") and not (data_folder and os.path.samefile(data_folder, "data")):
+    if not os.path.exists("data") or os.path.isdir("data") and not (data_folder and os.path.samefile(data_folder,
+                                                                                                     "data")):
         folders.append("data")
     endings = ["", ".gz", ".gZ", ".Gz", ".GZ"]  # a .gz is read whatever its case
     return [(os.path.join(folder, name + ending), f"later runs would read it as the {kind} data in "

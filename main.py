@@ -4,7 +4,7 @@ Usage:
     pip install -r requirements.txt
     python main.py                                          # data/ (CSVs or the zip), else the Kaggle input
     python main.py --data ../shared/data/digit-recognizer.zip
-    python main.py --preset fast                            # about a minute on 2 CPU cores
+    python main.py --preset fast                            # under a minute on 2 CPU cores
     python main.py --preset best                            # the leaderboard recipe (see the README)
     python main.py --resume                                 # continue checkpoints/last.pt, same flags
     python main.py --dry-run                                # every step on 1,000 rows, writes nothing
@@ -101,7 +101,10 @@ def parse_args(argv, parser_class=ArgumentParser):
         refuse_impossible(options, recipe)
     except UserError as e:
         parser.error(str(e))
-    options.checkpoint_dir = os.path.normpath(options.checkpoint_dir)  # 'x/../ck' is ck, and makes no x
+    # 'x/../ck' is ck and makes no x; but through a link, 'link/../ck' is beside the link's target
+    shortest = os.path.normpath(options.checkpoint_dir)
+    if os.path.realpath(shortest) == os.path.realpath(options.checkpoint_dir):
+        options.checkpoint_dir = shortest
     if member_count(recipe) == 1 and recipe.ensemble.mix != "none":  # a preset's --mix, e.g. best --folds 0
         recipe = replace_settings(recipe, {"mix": "none", "mix_epochs": 0})  # the checkpoints say what trained
     if options.dry_run:  # one epoch of one batch per member
@@ -466,8 +469,10 @@ def run(*, log=print, **flags):
     argv = []
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
+        if name.startswith("no_") and name[3:] in switches:  # no_tta=[] would otherwise turn TTA off
+            raise UserError(f"run({name}={value!r}): write {name[3:]}=False or {name[3:]}=True")
         # checked here: argparse would take a prefix of a setting (epoch=1) as the setting
-        if name not in actions and not (name.startswith("no_") and name[3:] in switches):
+        if name not in actions:
             raise UserError(f"run({name}={value!r}): no such setting; the settings are main.py's flags, "
                             f"with _ for - (python main.py --help)")
         if name == "report" and value is False:
@@ -479,8 +484,7 @@ def run(*, log=print, **flags):
                 raise UserError(f"run({name}={value!r}): give True or False")
             argv += [flag] if value else [switches[name]] if switches[name] else []
         elif isinstance(value, bool):
-            fix = f"write {name[3:]}={not value}" if name not in actions else f"{flag} takes a value"
-            raise UserError(f"run({name}={value!r}): {fix}")
+            raise UserError(f"run({name}={value!r}): {flag} takes a value")
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:

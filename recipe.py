@@ -42,7 +42,7 @@ class Recipe:
 # Each preset is the default recipe with these settings changed. Chosen on outer hold-outs of
 # train.csv (final-epoch models, never a best epoch); the figures are in the README.
 PRESETS = {
-    "fast": {"epochs": 4, "tta": False},
+    "fast": {"epochs": 3, "tta": False},
     "default": {},
     "best": {"folds": 5, "mix": "deotte", "mix_epochs": 15},
 }
@@ -53,7 +53,7 @@ def preset(name) -> Recipe:
 
 
 def flag_notes():
-    """{setting name: '--preset fast: 4'; 'widths': '--arch deotte: 32 64 128'}: what each preset, and each
+    """{setting name: '--preset fast: 3'; 'widths': '--arch deotte: 32 64 128'}: what each preset, and each
     architecture's own widths and dropout (--arch, --mix), change, for --help."""
     notes = {}
 

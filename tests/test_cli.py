@@ -77,7 +77,7 @@ def test_no_data_anywhere_says_where_it_looked_and_how_to_get_it(capsys, tmp_pat
 # ----------------------------------------------------------------------------- presets and --help
 
 def test_preset_sets_its_settings_unless_a_flag_is_given():
-    assert main.parse_args(["--preset", "fast"])[1].train.epochs == 4
+    assert main.parse_args(["--preset", "fast"])[1].train.epochs == 3
     assert main.parse_args(["--preset", "fast", "--epochs", "2"])[1].train.epochs == 2
     assert main.parse_args([])[1].train.epochs == 30
 
@@ -87,7 +87,7 @@ def test_help_shows_every_setting_flag_with_its_default_and_the_preset_differenc
         main.main(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "(default: 30; --preset fast: 4)" in text
+    assert "(default: 30; --preset fast: 3)" in text
     assert "(default: 0; --preset best: 5)" in text and "(default: on; --preset fast: off)" in text
     assert "(default: none; --preset best: deotte)" in text
     assert "(default: 16 32 128; --arch deotte: 32 64 128)" in text and "(default: 0.1; --arch deotte: 0.4)" in text
@@ -120,6 +120,9 @@ def test_run_returns_the_results_and_raises_user_error(tmp_path, kaggle_input):
     assert not os.path.exists("ck2") and not os.path.exists("sub2.csv")
     with pytest.raises(UserError, match=r"^run\(epoch=1\): no such setting"):  # not taken as epochs=1
         main.run(epoch=1)
+    for value in (True, [], "x"):  # no_tta=[] once turned TTA off
+        with pytest.raises(UserError, match=r"^run\(no_tta=.*\): write tta=False or tta=True$"):
+            main.run(no_tta=value)
 
 
 def test_main_restores_the_sigterm_handler_it_found(capsys, tmp_path, kaggle_input):

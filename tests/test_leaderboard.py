@@ -109,7 +109,7 @@ def test_presets_and_the_flags_that_override_them():
     plain = main.parse_args(["--preset", "best", "--no-tta", "--folds", "3", "--mix", "none"])[1].ensemble
     assert (plain.folds, plain.mix, plain.tta) == (3, "none", False)
     fast = main.parse_args(["--preset", "fast"])[1]
-    assert (fast.train.epochs, fast.ensemble.tta) == (4, False)
+    assert (fast.train.epochs, fast.ensemble.tta) == (3, False)
     assert main.parse_args(["--preset", "fast", "--epochs", "2"])[1].train.epochs == 2
 
 

@@ -678,6 +678,12 @@ def test_inference_output_beside_the_kaggle_zip_that_later_runs_would_read_is_re
                        "--output", "data/test.csv")
     assert_user_error(code, err, "--output data/test.csv: later runs would read it as the test data in data/")
     assert not (data / "test.csv").exists()
+    (data / "digit-recognizer.zip").rename(tmp_path / "kaggle.zip")  # no data/ at all: the output would make it
+    data.rmdir()
+    code, _, err = cli(capsys, inference, "--checkpoint", out / "ckpt" / "best.pt", "--input", elsewhere / "test.csv",
+                       "--output", "data/train.csv")
+    assert_user_error(code, err, "--output data/train.csv: later runs would read it as the training data in data/")
+    assert not data.exists()
 
 
 def test_report_folder_may_be_the_data_folder():
@@ -1044,6 +1050,11 @@ def test_a_checkpoint_dir_through_a_missing_folder_and_dotdot_makes_no_stray_fol
     argv[argv.index("--checkpoint-dir") + 1] = "nx/../ck"
     code, _, err = cli(capsys, main, *argv)
     assert (code, err) == (0, []) and (tmp_path / "ck" / "best.pt").exists() and not (tmp_path / "nx").exists()
+    (tmp_path / "volume" / "inner").mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to(tmp_path / "volume" / "inner")
+    argv[argv.index("--checkpoint-dir") + 1] = "lnk/../ck"  # beside the link's target, as the shell has it
+    options, _ = main.parse_args([str(a) for a in argv])
+    assert os.path.realpath(options.checkpoint_dir) == os.path.realpath(tmp_path / "volume" / "ck")
 
 
 def test_an_empty_checkpoint_dir_is_refused_before_the_data_is_read(capsys, tmp_path, out):
