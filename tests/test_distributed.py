@@ -5,6 +5,7 @@ preset learn them, so both runs should reach the same accuracy.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
 from conftest import ROOT, cli, make_digits, write_csv
 
 TRAIN_ROWS, TEST_ROWS = 2000, 50
-FLAGS = ["--preset", "fast", "--epochs", "2", "--batch-size", "32", "--report", ""]
+FLAGS = ["--preset", "fast", "--epochs", "2", "--batch-size", "32", "--widths", "8", "16", "32", "--report", ""]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -44,8 +45,17 @@ def train(data_dir, out, launcher, *extra, script="main.py", ok=True):
     return result
 
 
-def test_two_processes_match_one(data_dir, tmp_path, capsys):
-    result = train(data_dir, tmp_path / "ddp", TORCHRUN)
+@pytest.fixture(scope="module")
+def whole_run(data_dir, tmp_path_factory):
+    """(folder, result) of one uninterrupted 2-process run, which two tests compare against;
+    each test copies the folder before changing anything in it."""
+    out = tmp_path_factory.mktemp("whole")
+    return out, train(data_dir, out, TORCHRUN)
+
+
+def test_two_processes_match_one(data_dir, whole_run, tmp_path, capsys):
+    shutil.copytree(whole_run[0], tmp_path / "ddp")
+    result = whole_run[1]
     single = tmp_path / "single"
     assert cli(capsys, main, "--data", data_dir, "--checkpoint-dir", single / "ck", "--submission", single / "sub.csv",
                *FLAGS)[0] == 0
@@ -92,9 +102,8 @@ sys.exit(main.main())
 """
 
 
-def test_two_processes_interrupted_then_resumed_match_the_uninterrupted_run(data_dir, tmp_path):
-    whole = tmp_path / "whole"
-    train(data_dir, whole, TORCHRUN)
+def test_two_processes_interrupted_then_resumed_match_the_uninterrupted_run(data_dir, whole_run, tmp_path):
+    whole = whole_run[0]
     stopping = tmp_path / "stop_at_epoch_2.py"
     stopping.write_text(STOP_AT_EPOCH_2.format(root=ROOT))
     cut = tmp_path / "cut"
