@@ -477,8 +477,13 @@ def _plain_title(text):
     return text.encode("utf-8", "replace").decode("utf-8").replace("$", r"\$")
 
 
-def _draw_figures(target, dataset, name, matrix, rows, mistakes, history, augment_config, train_set, test):
+def _draw_figures(target, dataset, name, matrix, rows, mistakes, history, augment_config, train_set, test, log):
     """Every figure the inputs allow: {file name: path}; {} (with a log line) without matplotlib."""
+    try:
+        importlib.import_module("matplotlib")  # only to learn whether figures can be drawn
+    except ImportError:
+        log(SKIPPED_NO_MATPLOTLIB)
+        return {}
     name = _plain_title(name)
     images, labels = dataset.images.cpu(), dataset.labels.cpu()
     test_images, test_probabilities, unsure = test
@@ -557,11 +562,7 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
     def target(file_name):
         return os.path.join(report_dir, file_name)
 
-    # index.html goes last; until then it says so, so a report cut short never shows an
-    # earlier run's page over this run's files
-    atomic_write_text(target("index.html"), render_index_html(f"{TITLE}: being written", {}, {}, [
-        ("unfinished", ["<p>This report is being written. If this page stays, its run was stopped: run it "
-                        "again.</p>"])], []))
+    write_unfinished_page(target("index.html"))
     paths = {"per_class_accuracy.csv": write_per_class_csv(target("per_class_accuracy.csv"), rows),
              "mistakes.csv": write_csv_rows(target("mistakes.csv"), MISTAKE_COLUMNS, mistakes)}
     unsure = []
@@ -569,14 +570,8 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
         test_probabilities = test_probabilities.cpu()
         unsure = least_confident_rows(test_probabilities, HTML_ROWS)
         paths["least_confident_test.csv"] = write_csv_rows(target("least_confident_test.csv"), UNSURE_COLUMNS, unsure)
-    try:
-        importlib.import_module("matplotlib")  # only to learn whether figures can be drawn
-    except ImportError:
-        log(SKIPPED_NO_MATPLOTLIB)
-        figures = {}
-    else:
-        figures = _draw_figures(target, dataset, name, matrix, rows, mistakes, history, augment_config, train_set,
-                                (test_images, test_probabilities, unsure))
+    figures = _draw_figures(target, dataset, name, matrix, rows, mistakes, history, augment_config, train_set,
+                            (test_images, test_probabilities, unsure), log)
     paths.update(figures)
     sections = _index_sections(name, figures, rows, mistakes, unsure, history, len(labels),
                                None if test_probabilities is None else len(test_probabilities),
@@ -590,3 +585,11 @@ def write_report(report_dir, dataset: DigitDataset, probabilities, history=None,
     log(f"report: wrote {len(paths)} files to {report_dir}"
         f"{f', removed {removed} of an earlier report' if removed else ''} (open {paths['index.html']})")
     return paths
+
+
+def write_unfinished_page(path):
+    """index.html goes last; until then it says so, so a report cut short never shows an
+    earlier run's page over this run's files."""
+    atomic_write_text(path, render_index_html(f"{TITLE}: being written", {}, {}, [
+        ("unfinished", ["<p>This report is being written. If this page stays, its run was stopped: run it "
+                        "again.</p>"])], []))
