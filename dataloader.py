@@ -116,8 +116,8 @@ def names_read_as_data(path):
     also when the output would make data/ itself."""
     data_folder = path if os.path.isdir(path) else (os.path.dirname(path) or ".") if _is_zip(path) else None
     folders = [data_folder] if data_folder else []
-    if not os.path.exists("data") or os.path.isdir("data") and not (data_folder and os.path.samefile(data_folder,
-                                                                                                     "data")):
+    made_by_the_output = not os.path.exists("data")
+    if made_by_the_output or os.path.isdir("data") and not (data_folder and os.path.samefile(data_folder, "data")):
         folders.append("data")
     endings = ["", ".gz", ".gZ", ".Gz", ".GZ"]  # a .gz is read whatever its case
     return [(os.path.join(folder, name + ending), f"later runs would read it as the {kind} data in "

@@ -373,7 +373,7 @@ def train_and_submit(options, recipe, device, log=print):
     if options.dry_run:
         full, test_images = dry_run_sample(full, test_images, recipe, log)
     first = plan(recipe, full.labels, options.checkpoint_dir, options.seed)[0]
-    log_start(options, recipe, first, len(test_images), f"device {device}", world_size, log)
+    log_start(options, recipe, first, len(test_images), device, world_size, log)
     if options.resume:  # before the lock makes the folder
         check_resumable_folder(options, first)
     report_folder = report_folder_to_lock(options, recipe) if rank == 0 else None
@@ -405,7 +405,7 @@ def log_start(options, recipe, first, test_rows, device, world_size, log):
     processes = f" in each of {world_size} processes" if world_size > 1 else ""
     folds = f" (fold 1 of {recipe.ensemble.folds})" if recipe.ensemble.folds else ""
     log(f"data: {len(first.train_rows):,} train / {len(first.val_rows):,} validation{folds} / {test_rows:,} "
-        f"test images; {device}, {torch.get_num_threads()} threads{processes}")
+        f"test images; device {device}, {torch.get_num_threads()} threads{processes}")
     preset_mix = preset(options.preset).ensemble.mix
     if member_count(recipe) == 1 and preset_mix != "none":
         log(f"one model: --preset {options.preset}'s --mix {preset_mix} applies to ensembles only, so it is off")
