@@ -202,8 +202,10 @@ def write_submission(path, predictions):
 def parse_args(argv):
     parser = ArgumentParser(description="Write a Kaggle submission from trained checkpoints, "
                                         "or (--report) score them on a labelled file.")
-    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH", type=path_argument,
-                        help="one or more checkpoints; several are averaged as an ensemble (required)")
+    parser.add_argument("--checkpoint", nargs="+", action="extend", required=True, metavar="PATH",
+                        type=path_argument,
+                        help="one or more checkpoints (the flag may repeat); several are averaged as an ensemble "
+                             "(required)")
     parser.add_argument("--input", default=None, type=path_argument,
                         help="test.csv, test.csv.gz, a folder holding it, or the Kaggle zip; with --report a "
                              "labelled train.csv-shaped file, folder or zip (default: test.csv, with --report "

@@ -1014,6 +1014,17 @@ def test_one_checkpoint_given_twice_is_refused_as_it_would_count_double(capsys, 
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", [inference, export], ids=["inference", "export"])
+def test_a_repeated_checkpoint_flag_adds_its_paths(capsys, tmp_path, out, monkeypatch, command):
+    """--checkpoint a --checkpoint b means a and b, as --checkpoint a b does (argparse kept only b)."""
+    monkeypatch.chdir(out)
+    shutil.copy("ckpt/best.pt", "copy.pt")
+    inputs = ["--input", write_data(tmp_path / "data") / "test.csv"] if command is inference else []
+    code, _, err = cli(capsys, command, "--checkpoint", "ckpt/best.pt", "--checkpoint", "copy.pt", *inputs,
+                       "--output", tmp_path / ("x.csv" if command is inference else "x.onnx"))
+    assert_user_error(code, err, "--checkpoint copy.pt: holds the same bytes as ckpt/best.pt")
+
+
 def test_two_identical_files_that_are_no_checkpoints_are_called_what_they_are(capsys, tmp_path, out, monkeypatch):
     monkeypatch.chdir(out)
     open("e1.pt", "w").close()
