@@ -295,14 +295,15 @@ def _holder(folder, otherwise):
 
 
 @contextlib.contextmanager
-def folder_lock(folder, flag="--checkpoint-dir"):
+def folder_lock(folder, flag="--checkpoint-dir", held_above=None):
     """Hold an exclusive lock on `folder` for a run; a second run gets OutputError at once,
     also when one run's folder is inside the other's (it would overwrite its members).
 
     The locks are on the folders themselves (flock): exclusive on `folder`, shared on each
     folder above it. The OS frees them when the process dies, so a killed run never leaves
     a stale lock; HOLDER_FILE in the folder names the holder for the message and goes when the
-    run ends.
+    run ends. `held_above`: a folder above `folder` that this run already holds exclusively (its
+    --report above its --checkpoint-dir), which no other run can take, so it takes no shared lock.
     """
     descriptors = []
     absolute = os.path.realpath(folder)  # 'x/../ck' must not make x; a link to a folder still to be made makes it
@@ -320,6 +321,8 @@ def folder_lock(folder, flag="--checkpoint-dir"):
             raise OutputError(f"{flag} {folder}: in use by another run ({holder}); "
                               f"wait for it to finish or pass another {flag}") from None
         for above in _folders_above(os.path.realpath(folder)):
+            if held_above and above == os.path.realpath(held_above):
+                continue
             try:
                 descriptors.append(os.open(above, os.O_RDONLY | os.O_DIRECTORY))
             except OSError:

@@ -155,13 +155,12 @@ def writes_report(options, recipe):
 
 def report_folder_to_lock(options, recipe):
     """The --report folder this run locks, as it locks its --checkpoint-dir, so that two runs never
-    mix their reports; None without a report, or where one folder holds the other: the
-    checkpoint folder's lock (exclusive there, shared on every folder above) covers it then."""
+    mix their reports; None without a report, or where the checkpoint folder holds it (or is it),
+    whose exclusive lock covers it then. A report folder above the checkpoints is locked first."""
     if not writes_report(options, recipe):
         return None
     report, checkpoints = os.path.realpath(options.report), os.path.realpath(options.checkpoint_dir)
-    nested = os.path.commonpath([report, checkpoints]) in (report, checkpoints)
-    return None if nested else options.report
+    return None if os.path.commonpath([report, checkpoints]) == checkpoints else options.report
 
 
 def planned_outputs(options, recipe):
@@ -377,8 +376,8 @@ def train_and_submit(options, recipe, device, log=print):
     if options.resume:  # before the lock makes the folder
         check_resumable_folder(options, first)
     report_folder = report_folder_to_lock(options, recipe) if rank == 0 else None
-    with (folder_lock(options.checkpoint_dir) if rank == 0 else contextlib.nullcontext(),
-          folder_lock(report_folder, "--report") if report_folder else contextlib.nullcontext()):
+    with (folder_lock(report_folder, "--report") if report_folder else contextlib.nullcontext(),
+          folder_lock(options.checkpoint_dir, held_above=report_folder) if rank == 0 else contextlib.nullcontext()):
         if rank == 0 and not options.resume:
             remove_earlier_run(options, recipe)
         options.training_started = True  # from here on, a last.pt there is this run's (print_resume_hint)

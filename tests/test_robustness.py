@@ -1173,6 +1173,24 @@ def test_two_runs_never_share_a_report_folder(capsys, tmp_path, out):
     assert not (out / "ckpt" / "rep" / HOLDER_FILE).exists() and not (out / "ckpt" / HOLDER_FILE).exists()
 
 
+def test_a_report_folder_holding_both_runs_checkpoint_folders_is_not_shared(capsys, tmp_path, out):
+    """Two runs with --report shared and their checkpoints in shared/ck1 and shared/ck2: the
+    second is refused (each checkpoint lock alone is only shared on the folder above it)."""
+    from files import folder_lock
+    data = write_data(tmp_path / "data")
+    shared = out / "shared"
+    argv = [*main_argv(data, out), "--widths", 4, 8, 8, "--report", shared]
+    argv[argv.index("--checkpoint-dir") + 1] = shared / "ck2"
+    with folder_lock(str(shared / "ck1")):  # the first run, still training
+        before = snapshot(out)
+        code, stdout, err = cli(capsys, main, *argv)
+        assert_user_error(code, err, f"--report {shared}: in use by another run (a run in a folder inside it)")
+        assert "epoch" not in stdout and snapshot(out) == before
+    code, _, err = cli(capsys, main, *argv)  # alone, it locks the report folder, then its checkpoints inside
+    assert (code, err) == (0, []) and (shared / "index.html").exists() and (shared / "ck2" / "best.pt").exists()
+    assert not (shared / HOLDER_FILE).exists() and not (shared / "ck2" / HOLDER_FILE).exists()
+
+
 def test_member_folders_an_earlier_bigger_ensemble_left_are_refused(capsys, tmp_path, out):
     data = write_data(tmp_path / "data")
     (out / "ckpt" / "member3").mkdir(parents=True)
