@@ -208,26 +208,43 @@ def run_command(run, args, failures=()) -> int:
     """A command's exit code: 0 when `run(args)` works, 2 for bad input (UserError), 1 for
     the `failures` it names (e.g. a check that did not pass); each failure is one line."""
     escape_unprintable_output()
+    interrupts = sigterm_as_interrupt()
     try:
-        with sigterm_as_interrupt():
+        with interrupts:
             run(args)
     except UserError as e:
         return fail(e)
     except failures as e:
         return fail(e, code=1)
-    except KeyboardInterrupt:  # outputs are atomic: each one is complete or not there
+    except (KeyboardInterrupt, Exception) as e:
+        if not interrupts.caused(e):
+            raise
+        # outputs are atomic: each one is complete or not there
         print("\ninterrupted; each output is either wholly written or as it was before", file=sys.stderr)
         return 130
     return 0
 
 
 class sigterm_as_interrupt:
-    """Within the block SIGTERM stops like Ctrl-C (KeyboardInterrupt); restored after it,
-    so a notebook kernel that called a command keeps its own handler."""
+    """Within the block SIGTERM stops like Ctrl-C (KeyboardInterrupt); both handlers are
+    restored after it, so a notebook kernel that called a command keeps its own.
+
+    `caused(error)` tells an interrupt also where a library caught the KeyboardInterrupt
+    and raised its own error instead (matplotlib, stopped mid-drawing, raises ValueError)."""
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        self.received = False
+        self.previous = {number: signal.signal(number, self._interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _interrupt(self, number, frame):
+        self.received = True
+        raise KeyboardInterrupt
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
         return False
+
+    def caused(self, error):
+        return isinstance(error, KeyboardInterrupt) or self.received

@@ -506,8 +506,9 @@ def run(*, log=print, **flags):
 def main(argv=None) -> int:
     escape_unprintable_output()
     options, recipe = parse_args(argv)
+    interrupts = sigterm_as_interrupt()  # SIGTERM stops like Ctrl-C: last.pt holds the last whole epoch
     try:
-        with sigterm_as_interrupt():  # SIGTERM stops like Ctrl-C: last.pt holds the last whole epoch
+        with interrupts:
             _run(options, recipe, print)
     except OutputError as e:
         code = fail(e)
@@ -518,7 +519,9 @@ def main(argv=None) -> int:
         return fail(e)
     except TrainingDiverged as e:
         return fail(e, code=1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as e:
+        if not interrupts.caused(e):
+            raise
         if os.environ.get("RANK", "0") == "0":  # one message, not one per torchrun process
             print_resume_hint(argv, options, recipe)
         return 130

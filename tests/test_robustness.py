@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -1171,6 +1172,29 @@ def test_two_runs_never_share_a_report_folder(capsys, tmp_path, out):
     code, _, err = cli(capsys, main, *argv[:-1], out / "ckpt" / "rep")  # inside its own checkpoint folder
     assert (code, err) == (0, []) and (out / "ckpt" / "rep" / "index.html").exists()
     assert not (out / "ckpt" / "rep" / HOLDER_FILE).exists() and not (out / "ckpt" / HOLDER_FILE).exists()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+@pytest.mark.parametrize("command", [main, inference])
+def test_an_interrupt_that_a_library_turns_into_its_own_error_is_still_an_interrupt(capsys, tmp_path, out,
+                                                                                    monkeypatch, stop, command):
+    """Stopped mid-drawing, matplotlib caught the KeyboardInterrupt and raised ValueError: a traceback."""
+    def drawing(*args):
+        try:
+            os.kill(os.getpid(), stop)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            raise ValueError("Invalid affine transformation matrix") from None
+    monkeypatch.setattr(report, "_draw_figures", drawing)
+    data = write_data(tmp_path / "data")
+    if command is main:
+        argv = [*main_argv(data, out), "--widths", 4, 8, 8, "--report", out / "rep"]
+    else:
+        argv = ["--checkpoint", out / "ckpt" / "best.pt", "--input", data / "train.csv", "--report", out / "rep"]
+    code, _, err = cli(capsys, command, *argv)
+    says = "interrupted; resume with: " if command is main else "interrupted; each output is either wholly written"
+    assert code == 130 and err[-1].startswith(says), err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_report_folder_holding_both_runs_checkpoint_folders_is_not_shared(capsys, tmp_path, out):
