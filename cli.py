@@ -187,11 +187,47 @@ def fail(error, code=2) -> int:
     return code
 
 
-def escape_unprintable_output():
+def prepare_stdout():
     """A file name that is not UTF-8 (argv keeps its bytes as surrogates) prints escaped, as
-    on stderr, instead of raising where the terminal's stdout is strict (en_US.UTF-8)."""
+    on stderr, instead of raising where the terminal's stdout is strict (en_US.UTF-8); and
+    once stdout's reader is gone (`python main.py | head -3`), the run goes on unheard."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+    try:
+        sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a notebook's, pytest's): nothing to guard
+        return
+    if not isinstance(sys.stdout, _QuietOnceUnread):
+        sys.stdout = _QuietOnceUnread(sys.stdout)
+
+
+class _QuietOnceUnread:
+    """stdout that, after a BrokenPipeError, points its file descriptor at /dev/null, so every later
+    write (and the flush at exit) succeeds unseen instead of ending the run with a traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
 
 
 def first_sentence(error, skip=()):
@@ -207,7 +243,7 @@ def first_sentence(error, skip=()):
 def run_command(run, args, failures=()) -> int:
     """A command's exit code: 0 when `run(args)` works, 2 for bad input (UserError), 1 for
     the `failures` it names (e.g. a check that did not pass); each failure is one line."""
-    escape_unprintable_output()
+    prepare_stdout()
     interrupts = sigterm_as_interrupt()
     try:
         with interrupts:

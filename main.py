@@ -32,8 +32,8 @@ import time
 import torch
 
 from DigitRecognizerModel import CHECKPOINT, NUM_CLASSES, CheckpointError, build_model, own_defaults
-from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, escape_unprintable_output, fail,
-                 flatten_settings, launched_world_size, path_argument, ranged, replace_settings,
+from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fail, flatten_settings,
+                 launched_world_size, path_argument, prepare_stdout, ranged, replace_settings,
                  settings_from_flags, sigterm_as_interrupt)
 from dataloader import (DataError, DigitDataset, check_training_set, find_data, load_test, load_train,
                         names_read_as_data, source_files, stratified_split)
@@ -504,7 +504,7 @@ def run(*, log=print, **flags):
 
 
 def main(argv=None) -> int:
-    escape_unprintable_output()
+    prepare_stdout()
     options, recipe = parse_args(argv)
     interrupts = sigterm_as_interrupt()  # SIGTERM stops like Ctrl-C: last.pt holds the last whole epoch
     try:

@@ -841,6 +841,18 @@ def test_a_path_that_is_not_utf8_works_through_the_real_command_line(tmp_path, o
     assert os.path.exists(submission) and len(open(submission).read().splitlines()) == ROWS + 1
 
 
+def test_a_reader_that_stops_reading_stdout_does_not_stop_the_run(tmp_path, out, monkeypatch):
+    """`python main.py | head -1`: once head has exited, every write to stdout fails (BrokenPipeError)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w", buffering=1) as pipe:  # line-buffered: the first line fails
+        monkeypatch.setattr(sys, "stdout", pipe)
+        argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
+        assert main.main([str(a) for a in argv]) == 0
+        assert sys.stdout is not pipe  # guarded, not merely unread
+    assert len((out / "final_submission.csv").read_text().splitlines()) == ROWS + 1
+
+
 def test_ctrl_c_or_sigterm_during_inference_is_one_line_and_leaves_no_partial_file(capsys, tmp_path, out,
                                                                                    monkeypatch):
     def stopped_midway(*args, probs_file=None, **kwargs):
