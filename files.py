@@ -64,7 +64,7 @@ def atomic_open(path, mode="w"):
         # (permission bits only: never a setuid or setgid bit on a file this suite writes)
         os.chmod(tmp_path, os.stat(target).st_mode & 0o777 if os.path.isfile(target) else 0o666 & ~_UMASK)
         # surrogateescape: a file name from argv that is not UTF-8 is written back as its own bytes
-        text = {} if "b" in mode else {"newline": "", "errors": "surrogateescape"}
+        text = {} if "b" in mode else {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}
         with open(fd, mode, **text) as f:
             yield f
             f.flush()
@@ -282,7 +282,7 @@ def _holder(folder, otherwise):
     holds a shared lock and writes no holder file here, and a killed run leaves a stale one.
     A process on another machine (a shared disk) cannot be looked up from here: its line stands."""
     with contextlib.suppress(OSError, ValueError, OverflowError), open(os.path.join(folder, HOLDER_FILE),
-                                                                       errors="replace") as f:
+                                                                       encoding="utf-8", errors="replace") as f:
         line = f.read().strip()
         pid, host = line.partition(": ")[0].removeprefix("pid ").partition(" on ")[::2]
         if host in ("", socket.gethostname()):

@@ -841,6 +841,16 @@ def test_a_path_that_is_not_utf8_works_through_the_real_command_line(tmp_path, o
     assert os.path.exists(submission) and len(open(submission).read().splitlines()) == ROWS + 1
 
 
+def test_outputs_are_utf8_whatever_the_locale(tmp_path):
+    """index.html declares UTF-8; under LC_ALL=C its '·' raised UnicodeEncodeError after training."""
+    ascii_locale = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    page = tmp_path / "page.html"
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import files; files.atomic_write_text({str(page)!r}, '\\u00b7')"
+    done = subprocess.run([sys.executable, "-c", code], env=ascii_locale, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert page.read_bytes() == "\u00b7".encode("utf-8")
+
+
 def test_a_reader_that_stops_reading_stdout_does_not_stop_the_run(tmp_path, out, monkeypatch):
     """`python main.py | head -1`: once head has exited, every write to stdout fails (BrokenPipeError)."""
     read_end, write_end = os.pipe()
