@@ -130,28 +130,44 @@ def _nearest_existing_folder(path):
     return folder
 
 
-def check_writable(flag, path, probed=None):
-    """OutputError now, before any work, unless a file can be written at `path`.
+def check_output_folder(flag, folder, probed=None):
+    """OutputError now unless `folder` (a --checkpoint-dir or --report) is, or can become, a
+    folder this run writes in; the message names the folder as given, not a file in it."""
+    try:
+        mode = os.stat(folder).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(f"{flag} {folder}: is a loop of symlinks; give a folder path") from None
+        mode = None  # nothing there yet
+    if mode is not None and not stat.S_ISDIR(mode):
+        raise OutputError(f"{flag} {folder}: is a file, not a folder; give a folder path")
+    check_writable(flag, os.path.join(folder, HOLDER_FILE), probed, shown=folder)
+
+
+def check_writable(flag, path, probed=None, shown=None):
+    """OutputError now, before any work, unless a file can be written at `path` (named `shown`
+    in the message, if given).
 
     Writes and syncs one byte to a real temp file in the nearest existing folder (permissions,
     read-only file systems and full disks all show up), and creates nothing else; once per
     folder in the set `probed`.
     """
+    where = f"{flag} {shown or path}"
     if os.path.isdir(path):
-        raise OutputError(f"{flag} {path}: is a folder; pass the path of a file in it")
+        raise OutputError(f"{where}: is a folder; pass the path of a file in it")
     check_regular_file(path, flag)
     target = os.path.realpath(path)
     folder = _nearest_existing_folder(target)
     if not os.path.isdir(folder):
-        raise OutputError(f"{flag} {path}: {folder} is a file, not a folder; choose another path")
+        raise OutputError(f"{where}: {folder} is a file, not a folder; choose another path")
     longest = os.pathconf(folder, "PC_NAME_MAX")  # bytes per name: 255 on most file systems
     for name in os.path.relpath(target, folder).split(os.sep):  # the names still to be made
         if len(os.fsencode(name)) > longest:
-            raise OutputError(f"{flag} {path}: the name {name[:20]}... is {len(os.fsencode(name))} bytes, longer "
+            raise OutputError(f"{where}: the name {name[:20]}... is {len(os.fsencode(name))} bytes, longer "
                               f"than the {longest} this file system allows; choose a shorter name")
     longest_path = os.pathconf(folder, "PC_PATH_MAX")  # 4096 bytes on Linux
     if len(os.fsencode(target)) >= longest_path:
-        raise OutputError(f"{flag} {path}: the path is {len(os.fsencode(target)):,} bytes, longer than the "
+        raise OutputError(f"{where}: the path is {len(os.fsencode(target)):,} bytes, longer than the "
                           f"{longest_path:,} this system allows; choose a shorter path")
     if probed is not None and folder in probed:
         return
@@ -161,7 +177,7 @@ def check_writable(flag, path, probed=None):
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as e:
-        raise OutputError(f"{flag} {path}: cannot write in {folder}: {_reason(e)}") from None
+        raise OutputError(f"{where}: cannot write in {folder}: {_reason(e)}") from None
     if probed is not None:
         probed.add(folder)
 
@@ -269,7 +285,10 @@ def check_outputs(outputs, inputs, reserved=()):
         folders.update(dict.fromkeys(folders_above, (flag, path)))
     probed = set()
     for flag, path, kind in outputs:
-        check_writable(flag, path, probed)
+        if kind is HOLDER:  # a run's folder, named as given, not the lock file in it
+            check_output_folder(flag, os.path.dirname(path), probed)
+        else:
+            check_writable(flag, path, probed)
         check_replaces_only(flag, path, kind)
 
 

@@ -1219,6 +1219,21 @@ def test_an_interrupt_that_a_library_turns_into_its_own_error_is_still_an_interr
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--report"])
+def test_a_run_folder_that_cannot_be_one_is_named_as_given(capsys, tmp_path, out, flag):
+    """Not the lock file the run keeps in it (notes.txt/.digit-recognizer-run), nor 'give a file path'."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    argv = main_argv(write_data(tmp_path / "data"), out)
+    for folder, says in [(tmp_path / "notes.txt", "is a file, not a folder"),
+                         (tmp_path / "notes.txt" / "sub", f"{tmp_path / 'notes.txt'} is a file, not a folder"),
+                         (tmp_path / "loop", "is a loop of symlinks; give a folder path")]:
+        code, _, err = cli(capsys, main, *argv, flag, folder)
+        assert_user_error(code, err, f"{flag} {folder}: {says}")
+        assert HOLDER_FILE not in err[0]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_a_report_folder_holding_both_runs_checkpoint_folders_is_not_shared(capsys, tmp_path, out):
     """Two runs with --report shared and their checkpoints in shared/ck1 and shared/ck2: the
     second is refused (each checkpoint lock alone is only shared on the folder above it)."""
