@@ -333,27 +333,7 @@ def folder_lock(folder, flag="--checkpoint-dir", held_above=None):
             descriptors.append(os.open(absolute, os.O_RDONLY | os.O_DIRECTORY))
         except OSError as e:
             raise OutputError(f"{flag} {folder}: cannot write: {_reason(e)}") from None
-        try:
-            fcntl.flock(descriptors[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(absolute, otherwise="a run in a folder inside it")
-            raise OutputError(f"{flag} {folder}: in use by another run ({holder}); "
-                              f"wait for it to finish or pass another {flag}") from None
-        for above in _folders_above(os.path.realpath(folder)):
-            if held_above and above == os.path.realpath(held_above):
-                continue
-            try:
-                descriptors.append(os.open(above, os.O_RDONLY | os.O_DIRECTORY))
-            except OSError:
-                continue  # an unreadable folder above: no run can lock it either
-            try:
-                fcntl.flock(descriptors[-1], fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(above, otherwise="pid unknown")
-                raise OutputError(f"{flag} {folder}: is inside {above}, a folder another run holds ({holder}); "
-                                  f"wait for it to finish or pass a folder outside it") from None
-            except OSError:
-                continue  # a file system without flock up there: no run can hold it either
+        _lock(folder, flag, held_above, descriptors)
         holder_file = os.path.join(absolute, HOLDER_FILE)
         atomic_write_text(holder_file, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n")
         try:
@@ -367,3 +347,44 @@ def folder_lock(folder, flag="--checkpoint-dir", held_above=None):
     finally:
         for descriptor in descriptors:
             os.close(descriptor)  # releases the locks
+
+
+def check_unlocked(folder, flag="--checkpoint-dir", held_above=None):
+    """OutputError where folder_lock would raise one (another run holds `folder` or a folder
+    above it), making nothing and holding nothing afterwards: --dry-run's check."""
+    descriptors = []
+    try:
+        with contextlib.suppress(OSError):  # a folder still to be made: no run holds it
+            descriptors.append(os.open(os.path.realpath(folder), os.O_RDONLY | os.O_DIRECTORY))
+        _lock(folder, flag, held_above, descriptors)
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)
+
+
+def _lock(folder, flag, held_above, descriptors):
+    """Exclusive on `folder` where descriptors[0] is open on it, then shared on each folder above
+    (opened and appended to `descriptors`, whose closing frees them); OutputError naming the run
+    that holds one."""
+    if descriptors:
+        try:
+            fcntl.flock(descriptors[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(os.path.realpath(folder), otherwise="a run in a folder inside it")
+            raise OutputError(f"{flag} {folder}: in use by another run ({holder}); "
+                              f"wait for it to finish or pass another {flag}") from None
+    for above in _folders_above(os.path.realpath(folder)):
+        if held_above and above == os.path.realpath(held_above):
+            continue
+        try:
+            descriptors.append(os.open(above, os.O_RDONLY | os.O_DIRECTORY))
+        except OSError:
+            continue  # an unreadable folder above (or none yet): no run can lock it either
+        try:
+            fcntl.flock(descriptors[-1], fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(above, otherwise="pid unknown")
+            raise OutputError(f"{flag} {folder}: is inside {above}, a folder another run holds ({holder}); "
+                              f"wait for it to finish or pass a folder outside it") from None
+        except OSError:
+            continue  # a file system without flock up there: no run can hold it either

@@ -39,7 +39,7 @@ from dataloader import (DataError, DigitDataset, check_training_set, find_data, 
                         names_read_as_data, source_files, stratified_split)
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
-from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, folder_lock
+from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, check_unlocked, folder_lock
 from inference import SUBMISSION, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
 from report import report_files, write_report
@@ -447,6 +447,11 @@ def _run(options, recipe, log):
     device = choose_device(options.device)  # chosen once, here
     if options.dry_run:  # what the real run would refuse, its dry run refuses too
         check_run_outputs(options, recipe)
+        if os.environ.get("RANK", "0") == "0":  # rank 0 alone locks (two ranks' probes would clash)
+            report_folder = report_folder_to_lock(options, recipe)
+            if report_folder:
+                check_unlocked(report_folder, "--report")
+            check_unlocked(options.checkpoint_dir, held_above=report_folder)
     with dry_run_outputs(options, recipe, log):
         results = train_and_submit(options, recipe, device, log)
     if options.dry_run:  # its files are gone: no paths to open

@@ -163,6 +163,23 @@ def test_dry_run_refuses_what_the_real_run_would(kaggle_dir, tmp_path, capsys, f
     assert "nothing to --resume there" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("held, flags, says", [
+    ("ck", [], "--checkpoint-dir {ck}: in use by another run (pid "),
+    ("ck/member1", [], "--checkpoint-dir {ck}: in use by another run (a run in a folder inside it)"),
+    ("rep", ["--report", "{tmp}/rep"], "--report {tmp}/rep: in use by another run (pid "),
+])
+def test_dry_run_refuses_folders_another_run_holds_and_makes_none(kaggle_dir, tmp_path, capsys, held, flags, says):
+    from files import folder_lock
+    with folder_lock(str(tmp_path / held)):
+        folders = sorted(tmp_path.rglob("*"))
+        argv = ["--data", str(kaggle_dir), "--dry-run", "--checkpoint-dir", str(tmp_path / "ck"),
+                *[flag.format(tmp=tmp_path) for flag in flags]]
+        assert main.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says.format(ck=tmp_path / "ck", tmp=tmp_path) in err[0], err
+        assert sorted(tmp_path.rglob("*")) == folders
+
+
 def test_resume_of_an_ensemble_without_its_flags_says_which_flags(kaggle_dir, tmp_path, capsys):
     (tmp_path / "ck" / "member1").mkdir(parents=True)
     (tmp_path / "ck" / "member1" / "last.pt").write_bytes(b"an interrupted member")
