@@ -187,23 +187,27 @@ def fail(error, code=2) -> int:
     return code
 
 
-def prepare_stdout():
+def prepare_output():
     """A file name that is not UTF-8 (argv keeps its bytes as surrogates) prints escaped, as
     on stderr, instead of raising where the terminal's stdout is strict (en_US.UTF-8); and
-    once stdout's reader is gone (`python main.py | head -3`), the run goes on unheard."""
+    once the reader of stdout or stderr is gone (`python main.py | head -3`), the run goes on
+    unheard."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
-    try:
-        sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # not a real file (a notebook's, pytest's): nothing to guard
-        return
-    if not isinstance(sys.stdout, _QuietOnceUnread):
-        sys.stdout = _QuietOnceUnread(sys.stdout)
+    for name in ("stdout", "stderr"):  # `2>&1 | head`: the interrupt line must not end in a traceback either
+        stream = getattr(sys, name)
+        try:
+            stream.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (a notebook's, pytest's): nothing to guard
+            continue
+        if not isinstance(stream, _QuietOnceUnread):
+            setattr(sys, name, _QuietOnceUnread(stream))
 
 
 class _QuietOnceUnread:
-    """stdout that, after a BrokenPipeError, points its file descriptor at /dev/null, so every later
-    write (and the flush at exit) succeeds unseen instead of ending the run with a traceback."""
+    """stdout or stderr that, after a BrokenPipeError, points its file descriptor at /dev/null, so
+    every later write (and the flush at exit) succeeds unseen instead of ending the run with a
+    traceback."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -243,7 +247,7 @@ def first_sentence(error, skip=()):
 def run_command(run, args, failures=()) -> int:
     """A command's exit code: 0 when `run(args)` works, 2 for bad input (UserError), 1 for
     the `failures` it names (e.g. a check that did not pass); each failure is one line."""
-    prepare_stdout()
+    prepare_output()
     interrupts = sigterm_as_interrupt()
     try:
         with interrupts:
@@ -263,14 +267,17 @@ def run_command(run, args, failures=()) -> int:
 
 class sigterm_as_interrupt:
     """Within the block SIGTERM stops like Ctrl-C (KeyboardInterrupt); both handlers are
-    restored after it, so a notebook kernel that called a command keeps its own.
+    restored after it, so a notebook kernel that called a command keeps its own. A signal
+    the caller ignores (a background job's SIGINT, `nohup`) stays ignored.
 
     `caused(error)` tells an interrupt also where a library caught the KeyboardInterrupt
-    and raised its own error instead (matplotlib, stopped mid-drawing, raises ValueError)."""
+    and raised its own error instead (matplotlib, stopped mid-drawing, raises ValueError):
+    once a stop was asked for, whatever error ends the run is reported as that stop."""
 
     def __enter__(self):
         self.received = False
-        self.previous = {number: signal.signal(number, self._interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {number: signal.signal(number, self._interrupt) for number in (signal.SIGINT, signal.SIGTERM)
+                         if signal.getsignal(number) is not signal.SIG_IGN}
         return self
 
     def _interrupt(self, number, frame):

@@ -141,7 +141,10 @@ def check_output_folder(flag, folder, probed=None):
         mode = None  # nothing there yet
     if mode is not None and not stat.S_ISDIR(mode):
         raise OutputError(f"{flag} {folder}: is a file, not a folder; give a folder path")
-    check_writable(flag, os.path.join(folder, HOLDER_FILE), probed, shown=folder)
+    holder_file = os.path.join(folder, HOLDER_FILE)
+    if os.path.isdir(holder_file):
+        raise OutputError(f"{flag} {folder}: the run's lock file {holder_file} is a folder; move it away")
+    check_writable(flag, holder_file, probed, shown=folder)
 
 
 def check_writable(flag, path, probed=None, shown=None):

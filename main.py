@@ -33,7 +33,7 @@ import torch
 
 from DigitRecognizerModel import CHECKPOINT, NUM_CLASSES, CheckpointError, build_model, own_defaults
 from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fail, flatten_settings,
-                 launched_world_size, path_argument, prepare_stdout, ranged, replace_settings,
+                 launched_world_size, path_argument, prepare_output, ranged, replace_settings,
                  settings_from_flags, sigterm_as_interrupt)
 from dataloader import (DataError, DigitDataset, check_training_set, find_data, load_test, load_train,
                         names_read_as_data, source_files, stratified_split)
@@ -509,7 +509,7 @@ def run(*, log=print, **flags):
 
 
 def main(argv=None) -> int:
-    prepare_stdout()
+    prepare_output()
     options, recipe = parse_args(argv)
     interrupts = sigterm_as_interrupt()  # SIGTERM stops like Ctrl-C: last.pt holds the last whole epoch
     try:

@@ -1234,6 +1234,30 @@ def test_a_run_folder_that_cannot_be_one_is_named_as_given(capsys, tmp_path, out
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_sigint_the_caller_ignores_stays_ignored(capsys, tmp_path, out, monkeypatch):
+    """A shell script's background job ignores SIGINT (Ctrl-C on the script leaves it running)."""
+    monkeypatch.setattr(signal, "signal", signal.signal)  # restored after the test, whatever happens
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        def epoch_with_a_ctrl_c(self, epoch, bar, run_epoch=trainer.Trainer.run_epoch):
+            os.kill(os.getpid(), signal.SIGINT)
+            return run_epoch(self, epoch, bar)
+        monkeypatch.setattr(trainer.Trainer, "run_epoch", epoch_with_a_ctrl_c)
+        code, _, err = cli(capsys, main, *main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8,
+                           "--report", "")
+        assert (code, err) == (0, []) and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_folder_named_as_the_lock_file_is_named_as_such(capsys, tmp_path, out):
+    (out / "ck" / HOLDER_FILE).mkdir(parents=True)
+    argv = main_argv(write_data(tmp_path / "data"), out)
+    code, _, err = cli(capsys, main, *argv, "--checkpoint-dir", out / "ck")
+    assert_user_error(code, err, f"--checkpoint-dir {out / 'ck'}: the run's lock file {out / 'ck' / HOLDER_FILE} "
+                                 f"is a folder; move it away")
+
+
 def test_a_report_folder_holding_both_runs_checkpoint_folders_is_not_shared(capsys, tmp_path, out):
     """Two runs with --report shared and their checkpoints in shared/ck1 and shared/ck2: the
     second is refused (each checkpoint lock alone is only shared on the folder above it)."""
