@@ -19,7 +19,7 @@ from trainer import EMA
 def test_ensemble_with_tta_matches_inference_on_the_same_checkpoints(kaggle_dir, tmp_path, capsys):
     ck = tmp_path / "ck"
     argv = ["--data", str(kaggle_dir), "--epochs", "2", "--ensemble", "2", "--tta", "--widths", "8", "16", "16",
-            "--checkpoint-dir", str(ck), "--submission", str(tmp_path / "main.csv")]
+            "--checkpoint-dir", str(ck), "--submission", str(tmp_path / "main.csv"), "--report", ""]
     assert main.main(argv) == 0
     members = [ck / "member1" / "best.pt", ck / "member2" / "best.pt"]
     seeds = [load_checkpoint(str(path))["identity"]["seed"] for path in members]

@@ -714,7 +714,7 @@ def test_full_disk_while_writing_the_submission_names_it_and_keeps_the_old_one(c
             inference.write_submission(path, predictions)
     monkeypatch.setattr(main, "write_submission", write_on_a_full_disk)
     old = (out / "final_submission.csv").read_bytes()
-    argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8]
+    argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
     code, _, err = cli(capsys, main, *argv)
     assert code == 2 and err[0] == f"error: {out / 'final_submission.csv'}: cannot write: the disk is full; free space " \
                                    f"or choose another location"
