@@ -863,6 +863,17 @@ def test_a_reader_that_stops_reading_stdout_does_not_stop_the_run(tmp_path, out,
     assert len((out / "final_submission.csv").read_text().splitlines()) == ROWS + 1
 
 
+def test_an_interrupt_after_the_reader_of_stderr_left_still_exits_130(tmp_path, out, monkeypatch):
+    """`python main.py 2>&1 | head -1`, then Ctrl-C: the resume line meets a closed pipe."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    monkeypatch.setattr(trainer.Trainer, "run_epoch", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with open(write_end, "w", buffering=1) as pipe:
+        monkeypatch.setattr(sys, "stderr", pipe)  # stdout's own fd would be mended first: stderr alone
+        argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
+        assert main.main([str(a) for a in argv]) == 130
+
+
 def test_ctrl_c_or_sigterm_during_inference_is_one_line_and_leaves_no_partial_file(capsys, tmp_path, out,
                                                                                    monkeypatch):
     def stopped_midway(*args, probs_file=None, **kwargs):
