@@ -23,6 +23,7 @@ Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -39,7 +40,7 @@ from dataloader import (DataError, DigitDataset, check_training_set, find_data, 
                         names_read_as_data, source_files, stratified_split)
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
                       with_extra)
-from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, check_unlocked, folder_lock
+from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, check_unlocked, folder_lock, read_head
 from inference import SUBMISSION, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
 from report import report_files, write_report
@@ -214,6 +215,35 @@ def remove_earlier_run(options, recipe):
                         os.remove(path)
 
 
+def remove_other_shapes(options, recipe, log):
+    """Once the run has written its submission: the checkpoints an earlier run of another shape
+    left in --checkpoint-dir, which `inference.py --checkpoint checkpoints/best.pt` (or
+    `member*/best.pt`) would take for this run's: a single model's files beside an ensemble's
+    member*/, member*/ beside a single model, a round2/ without --pseudo-label. Only files this
+    suite wrote go; links stay."""
+    ours = {os.path.realpath(folder) for round_dir in round_folders(options, recipe)
+            for folder in member_folders(recipe, round_dir)}
+    removed = []
+    for round_dir in (options.checkpoint_dir, os.path.join(options.checkpoint_dir, "round2")):
+        if not os.path.isdir(round_dir) or os.path.islink(round_dir):
+            continue
+        members = sorted(os.path.join(round_dir, name) for name in os.listdir(round_dir)
+                         if re.fullmatch(r"member\d+", name) and not os.path.islink(os.path.join(round_dir, name)))
+        for folder in [*members, round_dir]:  # members first: their round folder may then be empty
+            if os.path.realpath(folder) in ours:
+                continue
+            for name, kind in CHECKPOINT_FILES.items():
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):
+                    if os.path.isfile(path) and not os.path.islink(path) and kind.wrote(read_head(path)):
+                        os.remove(path)
+                        removed.append(os.path.relpath(path, options.checkpoint_dir))
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # once empty; the round folders and this run's own stay
+    if removed:
+        log(f"removed what an earlier run of another shape left in {options.checkpoint_dir}: {', '.join(removed)}")
+
+
 def load_data(options, recipe, log):
     """(all of train.csv as a DigitDataset, test images), checked before any training."""
     images, labels = load_train(options.data, log=log)
@@ -385,6 +415,7 @@ def train_and_submit(options, recipe, device, log=print):
                                                                           device, log)
         if rank == 0:  # every rank ends with the same weights; one writes
             write_submission(options.submission, test_probs.argmax(1))
+            remove_other_shapes(options, recipe, log)
             if options.report:
                 write_run_report(options, recipe, histories, (full, val_set, test_images), (val_probs, test_probs),
                                  time.perf_counter() - started, log)
