@@ -333,7 +333,9 @@ def write_run_report(options, recipe, histories, sets, probabilities, seconds, l
     full, val_set, test_images = sets
     val_probs, test_probs = probabilities
     if not len(val_set):
-        log(f"no report in {options.report}: --full-train leaves no validation images to report on")
+        stale = "; the report there is an earlier run's" if os.path.isfile(os.path.join(options.report,
+                                                                                       "index.html")) else ""
+        log(f"no report in {options.report}: --full-train leaves no validation images to report on{stale}")
         return
     caveat = figure_caveat(recipe)
     settings = {"preset": options.preset, "seed": options.seed, "data": options.data,

@@ -95,6 +95,12 @@ def test_full_train_uses_every_row_and_says_so(kaggle_dir, tmp_path, capsys):
     assert "no report in reports/" in out and not (tmp_path / "reports").exists()
     assert load_checkpoint(str(ck / "best.pt"))["epoch"] == 1
     assert len(pd.read_csv(tmp_path / "s.csv")) == 120
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "index.html").write_text("an earlier run's report")
+    assert main.main(["--data", str(kaggle_dir), "--epochs", "1", "--full-train", "--checkpoint-dir", str(ck),
+                      "--submission", str(tmp_path / "s.csv"), "--widths", "4", "8", "8"]) == 0
+    assert "no report in reports/: --full-train leaves no validation images to report on; the report there is " \
+           "an earlier run's" in capsys.readouterr().out
 
 
 def test_presets_and_the_flags_that_override_them():
