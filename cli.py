@@ -244,25 +244,34 @@ def first_sentence(error, skip=()):
     return sentence if len(sentence) <= 200 else sentence[:200] + "..."
 
 
-def run_command(run, args, failures=()) -> int:
+def run_command(run, args, failures=(), interrupted=None, failed=None) -> int:
     """A command's exit code: 0 when `run(args)` works, 2 for bad input (UserError), 1 for
-    the `failures` it names (e.g. a check that did not pass); each failure is one line."""
+    the `failures` it names (e.g. a check that did not pass), 130 when interrupted; each
+    failure is one line. `interrupted()` says what an interrupt leaves (by default: every
+    output whole or as it was), and `failed(error)` may add a line after a UserError's."""
     prepare_output()
     interrupts = sigterm_as_interrupt()
     try:
         with interrupts:
             run(args)
     except UserError as e:
-        return fail(e)
+        code = fail(e)
+        if failed:
+            failed(e)
+        return code
     except failures as e:
         return fail(e, code=1)
     except (KeyboardInterrupt, Exception) as e:
         if not interrupts.caused(e):
             raise
-        # outputs are atomic: each one is complete or not there
-        print("\ninterrupted; each output is either wholly written or as it was before", file=sys.stderr)
+        (interrupted or _outputs_whole_or_as_before)()
         return 130
     return 0
+
+
+def _outputs_whole_or_as_before():
+    # outputs are atomic: each one is complete or not there
+    print("\ninterrupted; each output is either wholly written or as it was before", file=sys.stderr)
 
 
 class sigterm_as_interrupt:

@@ -33,9 +33,8 @@ import time
 import torch
 
 from DigitRecognizerModel import CHECKPOINT, NUM_CLASSES, CheckpointError, build_model, own_defaults
-from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fail, flatten_settings,
-                 launched_world_size, path_argument, prepare_output, ranged, replace_settings,
-                 settings_from_flags, sigterm_as_interrupt)
+from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, flatten_settings, launched_world_size,
+                 path_argument, prepare_output, ranged, replace_settings, run_command, settings_from_flags)
 from dataloader import (DataError, DigitDataset, check_training_set, find_data, load_test, load_train,
                         names_read_as_data, source_files, stratified_split)
 from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
@@ -544,28 +543,20 @@ def run(*, log=print, **flags):
 def main(argv=None) -> int:
     prepare_output()
     options, recipe = parse_args(argv)
-    interrupts = sigterm_as_interrupt()  # SIGTERM stops like Ctrl-C: last.pt holds the last whole epoch
-    try:
-        with interrupts:
-            _run(options, recipe, print)
-    except OutputError as e:
-        code = fail(e)
-        if getattr(options, "training_started", False) and os.environ.get("RANK", "0") == "0":
+    rank_0 = os.environ.get("RANK", "0") == "0"  # one message, not one per torchrun process
+
+    def after_error(error):
+        if isinstance(error, OutputError) and getattr(options, "training_started", False) and rank_0:
             print_resume_hint(argv, options, recipe, after_error=True)  # a write failed mid-run (a full disk)
-        return code
-    except UserError as e:
-        return fail(e)
-    except TrainingDiverged as e:
-        return fail(e, code=1)
-    except (KeyboardInterrupt, Exception) as e:
-        if not interrupts.caused(e):
-            raise
-        if os.environ.get("RANK", "0") == "0":  # one message, not one per torchrun process
+
+    def after_interrupt():  # SIGTERM stops like Ctrl-C: last.pt holds the last whole epoch
+        if rank_0:
             print_resume_hint(argv, options, recipe)
-        return 130
+    try:
+        return run_command(lambda _: _run(options, recipe, print), None, failures=(TrainingDiverged,),
+                           interrupted=after_interrupt, failed=after_error)
     finally:
         close_distributed()
-    return 0
 
 
 def command_path(script):
