@@ -42,7 +42,7 @@ from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pse
 from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, check_unlocked, folder_lock, read_head
 from inference import SUBMISSION, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
-from report import report_files, write_report
+from report import holds_a_report, report_files, write_report
 from trainer import (HISTORY, TrainingDiverged, close_distributed, init_distributed, rank_and_world_size,
                      share_from_rank_0, train, wait_for_peers)
 
@@ -214,33 +214,30 @@ def remove_earlier_run(options, recipe):
                         os.remove(path)
 
 
-def remove_other_shapes(options, recipe, log):
-    """Once the run has written its submission: the checkpoints an earlier run of another shape
-    left in --checkpoint-dir, which `inference.py --checkpoint checkpoints/best.pt` (or
-    `member*/best.pt`) would take for this run's: a single model's files beside an ensemble's
-    member*/, member*/ beside a single model, a round2/ without --pseudo-label. Only files this
-    suite wrote go; links stay."""
+def other_shapes_left(options, recipe):
+    """The checkpoint files (relative paths) an earlier run of another shape left in
+    --checkpoint-dir, which `inference.py --checkpoint checkpoints/best.pt` (or `member*/best.pt`)
+    would take for this run's: a single model's beside this ensemble's member*/, member*/ beside
+    this single model, a round2/ without --pseudo-label. Only files this suite wrote; never
+    through a link inside the folder. They stay: one may be an unfinished run's, to resume."""
     ours = {os.path.realpath(folder) for round_dir in round_folders(options, recipe)
             for folder in member_folders(recipe, round_dir)}
-    removed = []
-    for round_dir in (options.checkpoint_dir, os.path.join(options.checkpoint_dir, "round2")):
-        if not os.path.isdir(round_dir) or os.path.islink(round_dir):
+    round2 = os.path.join(options.checkpoint_dir, "round2")
+    found = []
+    for round_dir in [options.checkpoint_dir] + ([round2] if not os.path.islink(round2) else []):
+        if not os.path.isdir(round_dir):
             continue
         members = sorted(os.path.join(round_dir, name) for name in os.listdir(round_dir)
                          if re.fullmatch(r"member\d+", name) and not os.path.islink(os.path.join(round_dir, name)))
-        for folder in [*members, round_dir]:  # members first: their round folder may then be empty
+        for folder in [round_dir, *members]:
             if os.path.realpath(folder) in ours:
                 continue
             for name, kind in CHECKPOINT_FILES.items():
                 path = os.path.join(folder, name)
                 with contextlib.suppress(OSError):
                     if os.path.isfile(path) and not os.path.islink(path) and kind.wrote(read_head(path)):
-                        os.remove(path)
-                        removed.append(os.path.relpath(path, options.checkpoint_dir))
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)  # once empty; the round folders and this run's own stay
-    if removed:
-        log(f"removed what an earlier run of another shape left in {options.checkpoint_dir}: {', '.join(removed)}")
+                        found.append(os.path.relpath(path, options.checkpoint_dir))
+    return found
 
 
 def load_data(options, recipe, log):
@@ -332,8 +329,7 @@ def write_run_report(options, recipe, histories, sets, probabilities, seconds, l
     full, val_set, test_images = sets
     val_probs, test_probs = probabilities
     if not len(val_set):
-        stale = "; the report there is an earlier run's" if os.path.isfile(os.path.join(options.report,
-                                                                                       "index.html")) else ""
+        stale = "; the report there is an earlier run's" if holds_a_report(options.report) else ""
         log(f"no report in {options.report}: --full-train leaves no validation images to report on{stale}")
         return
     caveat = figure_caveat(recipe)
@@ -416,7 +412,6 @@ def train_and_submit(options, recipe, device, log=print):
                                                                           device, log)
         if rank == 0:  # every rank ends with the same weights; one writes
             write_submission(options.submission, test_probs.argmax(1))
-            remove_other_shapes(options, recipe, log)
             if options.report:
                 write_run_report(options, recipe, histories, (full, val_set, test_images), (val_probs, test_probs),
                                  time.perf_counter() - started, log)
@@ -424,6 +419,12 @@ def train_and_submit(options, recipe, device, log=print):
     seconds = time.perf_counter() - started
     log(f"wrote {options.submission} ({len(test_images):,} rows) in {seconds:.0f}s")
     checkpoints = [os.path.join(m.folder, "best.pt") for m in members]  # under --pseudo-label, round 2's
+    left = other_shapes_left(options, recipe) if rank == 0 else []
+    if left:
+        shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+        log(f"note: {options.checkpoint_dir} also holds an earlier run's checkpoints of another shape, not this "
+            f"run's ({shown}); they stay (one may be an unfinished run's to resume): move them away so that "
+            f"no later command takes them for this run's")
     if not options.dry_run:
         log(f"the same file from the checkpoints alone: {rebuild_command(options, checkpoints)}")
     val_accuracy = (val_probs.argmax(1) == val_set.labels).float().mean().item() if len(val_set) else float("nan")

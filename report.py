@@ -65,6 +65,11 @@ def _holds_its_kind(path):
     return False
 
 
+def holds_a_report(report_dir):
+    """Whether `report_dir` holds a report page this suite wrote."""
+    return _holds_its_kind(os.path.join(report_dir, "index.html"))
+
+
 def _remove_earlier(report_dir, written):
     """Delete what an earlier report left here and this one did not write (its curves, its test
     set), so the folder holds one report: only files that carry this suite's mark (figures

@@ -10,6 +10,7 @@ import torch
 
 import inference
 import main
+import report
 from DigitRecognizerModel import DigitRecognizerModel, ModelConfig, load_checkpoint
 from conftest import make_digits, write_csv
 from dataloader import warp
@@ -95,12 +96,13 @@ def test_full_train_uses_every_row_and_says_so(kaggle_dir, tmp_path, capsys):
     assert "no report in reports/" in out and not (tmp_path / "reports").exists()
     assert load_checkpoint(str(ck / "best.pt"))["epoch"] == 1
     assert len(pd.read_csv(tmp_path / "s.csv")) == 120
-    (tmp_path / "reports").mkdir()
-    (tmp_path / "reports" / "index.html").write_text("an earlier run's report")
-    assert main.main(["--data", str(kaggle_dir), "--epochs", "1", "--full-train", "--checkpoint-dir", str(ck),
-                      "--submission", str(tmp_path / "s.csv"), "--widths", "4", "8", "8"]) == 0
-    assert "no report in reports/: --full-train leaves no validation images to report on; the report there is " \
-           "an earlier run's" in capsys.readouterr().out
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "index.html").write_text("<html>my own page</html>")
+    report.write_unfinished_page(str(tmp_path / "reports" / "index.html"))  # a page of this suite's
+    for folder, says in (("reports", "report on; the report there is an earlier run's\n"), ("mine", "report on\n")):
+        assert main.main(["--data", str(kaggle_dir), "--epochs", "1", "--full-train", "--checkpoint-dir", str(ck),
+                          "--submission", str(tmp_path / "s.csv"), "--widths", "4", "8", "8", "--report", folder]) == 0
+        assert f"no report in {folder}: --full-train leaves no validation images to {says}" in capsys.readouterr().out
 
 
 def test_presets_and_the_flags_that_override_them():

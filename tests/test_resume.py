@@ -342,20 +342,24 @@ def test_resume_in_a_folder_an_earlier_run_used_continues_this_run_only(capsys, 
     assert (tmp_path / "cut" / "sub.csv").read_bytes() == (tmp_path / "whole" / "sub.csv").read_bytes()
 
 
-def test_a_run_of_another_shape_removes_the_earlier_runs_checkpoints_once_it_has_written(capsys, data, tmp_path):
+def test_a_run_of_another_shape_names_the_earlier_runs_checkpoints_and_keeps_them(capsys, data, tmp_path):
     """A single model's best.pt beside an ensemble's member*/ (or the reverse, or a round2/ without
-    --pseudo-label) would be what `inference.py --checkpoint checkpoints/best.pt` rebuilds."""
+    --pseudo-label) would be what `inference.py --checkpoint checkpoints/best.pt` rebuilds; deleting
+    them would lose an unfinished run that --resume could still finish."""
     ck = tmp_path / "run" / "ckpt"
-    (tmp_path / "run" / "ckpt").mkdir(parents=True)
-    (ck / "notes.txt").write_text("mine")
     assert cli(capsys, main, *tiny_argv(data, tmp_path / "run", "--pseudo-label", "0.5"))[0] == 0
-    assert sorted(os.listdir(ck / "round2")) == ["best.pt", "history.csv", "last.pt"]
+    before = snapshot(ck)
     code, out, _ = cli(capsys, main, *tiny_argv(data, tmp_path / "run", "--ensemble", "2"))
-    assert code == 0 and f"removed what an earlier run of another shape left in {ck}: " in out
-    assert sorted(os.listdir(ck)) == ["member1", "member2", "notes.txt"]  # round2/ and the single model's files gone
+    assert code == 0 and f"note: {ck} also holds an earlier run's checkpoints of another shape, not this run's " \
+                          f"(best.pt, last.pt, history.csv, round2/best.pt, round2/last.pt, round2/history.csv); " \
+                          f"they stay" in out
+    assert out.rstrip().splitlines()[-1].startswith("the same file from the checkpoints alone: ")
+    assert {name: snapshot(ck)[name] for name in before} == before
     code, out, _ = cli(capsys, main, *tiny_argv(data, tmp_path / "run"))
-    assert code == 0 and "member1/best.pt" in out
-    assert sorted(os.listdir(ck)) == ["best.pt", "history.csv", "last.pt", "notes.txt"]
+    assert code == 0 and "member1/best.pt, member1/last.pt" in out
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    code, out, _ = cli(capsys, main, *tiny_argv(data, tmp_path / "link"))  # through a link to the folder
+    assert code == 0 and "member1/best.pt, member1/last.pt" in out
 
 
 def test_a_last_pt_from_before_momentum_set_the_schedule_resumes_with_the_same_flags(capsys, data, tmp_path,
