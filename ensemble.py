@@ -69,14 +69,22 @@ def member_folders(recipe, checkpoint_dir):
     return [checkpoint_dir] if count == 1 else [os.path.join(checkpoint_dir, f"member{m + 1}") for m in range(count)]
 
 
+def existing_member_folders(checkpoint_dir):
+    """{K: path} of every memberK entry in `checkpoint_dir` (this run's or an earlier one's), by K."""
+    if not os.path.isdir(checkpoint_dir):
+        return {}
+    numbers = sorted(int(name[len("member"):]) for name in os.listdir(checkpoint_dir)
+                     if re.fullmatch(r"member\d+", name))
+    return {n: os.path.join(checkpoint_dir, f"member{n}") for n in numbers}
+
+
 def stale_member_folders(recipe, checkpoint_dir):
     """The memberK/ folders in `checkpoint_dir` beyond this run's members: an earlier run's,
     which `inference.py --checkpoint <dir>/member*/best.pt` would mix into this run's."""
     count = member_count(recipe)
-    if count == 1 or not os.path.isdir(checkpoint_dir):
+    if count == 1:
         return []
-    numbers = [int(name[len("member"):]) for name in os.listdir(checkpoint_dir) if re.fullmatch(r"member\d+", name)]
-    folders = [os.path.join(checkpoint_dir, f"member{n}") for n in sorted(numbers) if n > count]
+    folders = [path for n, path in existing_member_folders(checkpoint_dir).items() if n > count]
     # only folders holding checkpoints: a file or another folder of that name mixes nothing
     return [f for f in folders if any(os.path.isfile(os.path.join(f, name)) for name in ("best.pt", "last.pt"))]
 

@@ -163,8 +163,8 @@ def parse_args(argv):
                                         "check it against onnxruntime (needs: " + INSTALL_HINT + ").")
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True, metavar="PATH",
                         type=path_argument,
-                        help="one or more checkpoints (the flag may repeat); several become one graph that outputs the mean of "
-                             "their softmax probabilities (required)")
+                        help="one or more checkpoints (the flag may repeat); several become one graph that outputs "
+                             "the mean of their softmax probabilities (required)")
     parser.add_argument("--output", default="model.onnx",
                         help="ONNX file to write; input `images` (N, 1, 28, 28) float in [0, 1], output "
                              "`probabilities` (N, 10) (default: model.onnx)")

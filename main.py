@@ -23,7 +23,6 @@ Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.
 
 import contextlib
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -37,8 +36,8 @@ from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, fl
                  path_argument, prepare_output, ranged, replace_settings, run_command, settings_from_flags)
 from dataloader import (DataError, DigitDataset, check_training_set, find_data, load_test, load_train,
                         names_read_as_data, source_files, stratified_split)
-from ensemble import (member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled, stale_member_folders,
-                      with_extra)
+from ensemble import (existing_member_folders, member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled,
+                      stale_member_folders, with_extra)
 from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, check_unlocked, folder_lock, read_head
 from inference import SUBMISSION, load_models, predict_probs, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
@@ -227,8 +226,7 @@ def other_shapes_left(options, recipe):
     for round_dir in [options.checkpoint_dir] + ([round2] if not os.path.islink(round2) else []):
         if not os.path.isdir(round_dir):
             continue
-        members = sorted(os.path.join(round_dir, name) for name in os.listdir(round_dir)
-                         if re.fullmatch(r"member\d+", name) and not os.path.islink(os.path.join(round_dir, name)))
+        members = [path for path in existing_member_folders(round_dir).values() if not os.path.islink(path)]
         for folder in [round_dir, *members]:
             if os.path.realpath(folder) in ours:
                 continue
