@@ -227,6 +227,24 @@ def test_index_html_renders_in_headless_chromium_with_every_image_loaded(full_re
     assert 'data-images-loaded="6/7"' in dom and '<p class="missing">missing picture: mistakes.png</p>' in dom
 
 
+def test_digit_grids_draw_every_image_in_a_tile_of_its_own(tmp_path):
+    """The grid is one picture of tiles: each image must land in a tile of its own, so k
+    all-ink digits darken k times the area of one (titles and frames are thin)."""
+    from matplotlib.image import imread
+
+    def dark_pixels(count, ink):
+        mistakes = [{"index": i, "line": i + 2, "label": 0, "label_probability": 0.1, "predicted": 1,
+                     "predicted_probability": 0.8, "runner_up": 0, "runner_up_probability": 0.1}
+                    for i in range(count)]
+        images = torch.full((count, 1, 28, 28), ink, dtype=torch.uint8)
+        picture = imread(report.plot_mistakes(images, mistakes, count, str(tmp_path / f"{count}_{ink}.png")))
+        return int((picture[..., :3].mean(-1) < 0.2).sum())
+
+    one, four = dark_pixels(1, 255) - dark_pixels(1, 0), dark_pixels(4, 255) - dark_pixels(4, 0)
+    assert one > 150 ** 2  # a tile is about 165 px square at 100 dpi
+    assert 3.9 < four / one < 4.1
+
+
 def test_write_report_without_history_or_augmentation(tmp_path, split):
     _, val_set = split
     perfect = torch.nn.functional.one_hot(val_set.labels, 10).float()  # no errors to show: still a valid PNG
