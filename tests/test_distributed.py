@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 
@@ -76,11 +77,6 @@ def test_two_processes_match_one(data_dir, whole_run, tmp_path, capsys):
     assert single["val_accuracy"] > 0.9
     assert abs(best["val_accuracy"] - single["val_accuracy"]) <= 0.03
 
-    # Every rank loads last.pt; the run is complete, so it only rewrites the submission.
-    (tmp_path / "ddp" / "sub.csv").unlink()
-    resumed = train(data_dir, tmp_path / "ddp", TORCHRUN, "--resume")
-    assert resumed.stdout.count("resumed from") == 1
-    assert len((tmp_path / "ddp" / "sub.csv").read_text().splitlines()) == TEST_ROWS + 1
 
 
 STOP_AT_EPOCH_2 = """
@@ -118,31 +114,51 @@ def test_two_processes_interrupted_then_resumed_match_the_uninterrupted_run(data
     assert (cut / "sub.csv").read_bytes() == (whole / "sub.csv").read_bytes()
 
 
-def test_a_dry_run_under_torchrun_evaluates_on_rank_0_and_shares_its_pseudo_labels(data_dir, tmp_path):
-    """Each rank's dry run has a temporary folder of its own, as ranks on two machines have two
-    disks: only rank 0, which wrote the best.pt files, reads them; round 2 trains on its pseudo-labels."""
-    result = train(data_dir, tmp_path / "ddp", TORCHRUN, "--dry-run", "--folds", "2", "--pseudo-label", "0.5")
-    assert result.stdout.count("dry run: everything worked") == 1 and result.stdout.count("pseudo-labels: ") == 1
-    assert not (tmp_path / "ddp").exists()
-
-
-RUN_TWICE = """
+NOTEBOOK = """
 import sys
 sys.path.insert(0, {root!r})
 from main import run
-for n in range(2):  # a notebook cell run twice under torchrun: the second joins a new process group
-    results = run(data={data!r}, checkpoint_dir={out!r} + f"/ck{{n}}", submission={out!r} + f"/sub{{n}}.csv",
-                  preset="fast", epochs=1, batch_size=32, report=False, device="cpu")
+# A notebook cell run three times under torchrun (each call joins a new process group): a dry run,
+# a real run, then --resume of that finished run into another submission file.
+for n, settings in enumerate([dict(dry_run=True, folds=2, pseudo_label=0.5), {{}}, dict(resume=True)]):
+    results = run(data={data!r}, checkpoint_dir={out!r} + f"/ck{{min(n, 1)}}", submission={out!r} + f"/sub{{n}}.csv",
+                  preset="fast", epochs=1, batch_size=32, widths=(8, 16, 32), report=False, device="cpu",
+                  **settings)
     print(f"run {{n}} ok", flush=True)  # one write: the two processes share stdout
 """
 
 
-def test_run_twice_in_one_torchrun_process(data_dir, tmp_path):
-    script = tmp_path / "twice.py"
-    script.write_text(RUN_TWICE.format(root=ROOT, data=str(data_dir), out=str(tmp_path)))
-    result = train(data_dir, tmp_path / "unused", TORCHRUN, script=str(script))
+@pytest.fixture(scope="module")
+def notebook_run(data_dir, tmp_path_factory):
+    """(folder, result) of one torchrun of three run() calls in each process: a dry run, a real
+    run, and a resume of the finished real run."""
+    out = tmp_path_factory.mktemp("notebook")
+    script = out / "notebook.py"
+    script.write_text(NOTEBOOK.format(root=ROOT, data=str(data_dir), out=str(out)))
+    return out, train(data_dir, out / "unused", TORCHRUN, script=str(script))
+
+
+def test_a_dry_run_under_torchrun_evaluates_on_rank_0_and_shares_its_pseudo_labels(notebook_run):
+    """Each rank's dry run has a temporary folder of its own, as ranks on two machines have two
+    disks: only rank 0, which wrote the best.pt files, reads them; round 2 trains on its pseudo-labels."""
+    out, result = notebook_run
+    assert result.stdout.count("dry run: everything worked") == 1 and result.stdout.count("pseudo-labels: ") == 1
+    assert result.stdout.count("run 0 ok") == 2  # both processes
+    assert not (out / "ck0").exists() and not (out / "sub0.csv").exists()
+
+
+def test_run_twice_in_one_torchrun_process(notebook_run):
+    out, result = notebook_run
     assert result.stdout.count("run 1 ok") == 2  # both processes
-    assert all((tmp_path / f"sub{n}.csv").exists() for n in range(2))
+    assert (out / "sub1.csv").exists() and len(pd.read_csv(out / "ck1" / "history.csv")) == 1
+
+
+def test_resuming_a_finished_run_under_torchrun_only_writes_the_submission(notebook_run):
+    """Every rank loads last.pt; the run is complete, so no rank trains and rank 0 predicts again."""
+    out, result = notebook_run
+    assert result.stdout.count("run 2 ok") == 2 and result.stdout.count("resumed from") == 1
+    assert len(pd.read_csv(out / "ck1" / "history.csv")) == 1  # no epoch added
+    assert (out / "sub2.csv").read_bytes() == (out / "sub1.csv").read_bytes()
 
 
 def test_more_processes_than_gpus_is_one_line(monkeypatch):
