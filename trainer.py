@@ -276,22 +276,31 @@ def _record_the_momentum_that_ran(state):
             state["identity"]["momentum"] = ran
 
 
+def _difference(key, saved, value, flag, recorded):
+    """How a setting of last.pt differs from this run's, as the user would type it."""
+    if key == "data":
+        return "other data"
+    if not recorded:
+        return f"it records no {flag}: written by an older version of this suite"
+    shown = [(flag if v else f"--no-{flag[2:]}") if isinstance(v, bool) else f"{flag} {as_typed(v)}"
+             for v in (saved, value)]  # as typed: '--widths 16 32 128', '--no-tta'
+    return f"{shown[0]}, not {shown[1]}"
+
+
 def check_resumable(state, path, identity, flags=None):
     """CheckpointError unless last.pt `state` was written by a run with this `identity`
-    (the whole recipe, the member's seed and the data's fingerprint); `flags` names each setting's flag."""
+    (the whole recipe, the member's seed and the data's fingerprint); `flags` names each setting's
+    flag. The refusal names every setting that differs."""
     if "optimizer" not in state or "identity" not in state:
         raise CheckpointError(f"{path}: not the last.pt of a run of this suite; --resume continues the "
                               f"last.pt that an interrupted run left")
-    for key, value in identity.items():
-        saved = state["identity"].get(key)
-        if saved != value:
-            flag = (flags or {}).get(key, f"--{key.replace('_', '-')}")
-            shown = [(flag if v else f"--no-{flag[2:]}") if isinstance(v, bool) else f"{flag} {as_typed(v)}"
-                     for v in (saved, value)]  # as typed: '--widths 16 32 128', '--no-tta'
-            what = ("other data" if key == "data" else f"{shown[0]}, not {shown[1]}" if key in state["identity"]
-                    else f"it records no {flag}: written by an older version of this suite")
-            raise CheckpointError(f"{path}: was trained on another recipe or data ({what}); resume with the "
-                                  f"same data and flags as the interrupted run, or start without --resume")
+    saved = state["identity"]
+    differences = [_difference(key, saved.get(key), value, (flags or {}).get(key, f"--{key.replace('_', '-')}"),
+                               key in saved)
+                   for key, value in identity.items() if saved.get(key) != value]
+    if differences:
+        raise CheckpointError(f"{path}: was trained on another recipe or data ({'; '.join(differences)}); resume "
+                              f"with the same data and flags as the interrupted run, or start without --resume")
 
 
 # ----------------------------------------------------------------------------- the loop

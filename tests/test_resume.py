@@ -153,6 +153,8 @@ RESUME_CHANGES = {  # case: (flags, data folder for (data, tmp_path), what the l
     "--widths": (["--widths", "8", "16", "32"], lambda data, tmp: data, "(--widths 16 32 128, not --widths 8 16 32)"),
     "--no-tta": (["--no-tta"], lambda data, tmp: data, "(--tta, not --no-tta)"),
     "other data": ([], lambda data, tmp: other_data(tmp), "(other data)"),
+    "all at once": (["--lr", "0.05", "--no-tta"], lambda data, tmp: other_data(tmp),
+                    "(--lr 0.1, not --lr 0.05; --tta, not --no-tta; other data)"),
 }
 
 
