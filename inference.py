@@ -185,6 +185,8 @@ def report_file(models, input_path, report_dir, device, tta=False, checkpoints=(
     probs = predict_probs(models, images, device, tta)
     name = os.path.basename(resolve_csv(input_path, "train.csv")[0])  # a folder's train.csv, zip.zip:train.csv
     dataset = DigitDataset(images, labels)
+    log("note: rows a checkpoint trained on score optimistically (a default run trains on 90% of train.csv): "
+        "for an honest figure, report on rows it never saw")
     return probs, write_report(report_dir, dataset, probs, name=name, log=log, line_numbers=dataset.line_numbers,
                                lines_in=name,
                                recipe={"checkpoints": " ".join(checkpoints), "input": input_path, "tta": tta})

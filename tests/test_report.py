@@ -333,10 +333,11 @@ def test_inference_probs_output(tmp_path, checkpoint):
     assert (values.argmax(1) == pd.read_csv(submission)["Label"].to_numpy()).all()
 
 
-def test_inference_report_on_labelled_csv(tmp_path, checkpoint, monkeypatch):
+def test_inference_report_on_labelled_csv(tmp_path, checkpoint, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     labelled = write_csv(tmp_path / "train.csv", *make_digits(50, seed=4))
     assert inference.main(["--checkpoint", checkpoint, "--input", labelled, "--report", "rep"]) == 0
+    assert "note: rows a checkpoint trained on score optimistically" in capsys.readouterr().out
     assert set(os.listdir("rep")) == PNGS - {"learning_curves.png", "augmentation.png"} | TABLES
     assert pd.read_csv("rep/per_class_accuracy.csv")["images"].sum() == 50
     assert not os.path.exists("final_submission.csv")  # --report scores, it does not predict for Kaggle
