@@ -209,7 +209,7 @@ def _tile_figure(images, corners, width, height, inches_per_pixel, left=0):
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
     canvas = np.full((height, width), np.nan)  # NaN: the gaps, drawn white
-    for image, (x, y) in zip(images, corners):
+    for image, (x, y) in zip(images, corners, strict=True):
         scale = 255 if image.dtype == torch.uint8 else 1
         canvas[y:y + IMAGE_SIDE, x:x + IMAGE_SIDE] = image.reshape(IMAGE_SIDE, IMAGE_SIDE).float().numpy() / scale
     figure = _new_figure((width + left + 2) * inches_per_pixel, (height + 2) * inches_per_pixel + SUPTITLE_INCHES)

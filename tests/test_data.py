@@ -288,8 +288,8 @@ def test_a_pipe_is_read_once():
         try:
             return load_test(f"/dev/fd/{read_end}")  # a path, as /dev/stdin is one
         finally:
-            writer.join()
-            os.close(read_end)
+            os.close(read_end)  # a writer blocked on a full pipe then stops too, instead of hanging the test
+            writer.join(timeout=60)
 
     good = "\n".join(good_lines(False)) + "\n"
     assert load_from_a_pipe(good).shape == (len(good_lines(False)) - 1, 1, 28, 28)

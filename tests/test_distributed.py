@@ -48,35 +48,44 @@ def train(data_dir, out, launcher, *extra, script="main.py", ok=True):
 
 @pytest.fixture(scope="module")
 def whole_run(data_dir, tmp_path_factory):
-    """(folder, result) of one uninterrupted 2-process run, which two tests compare against;
-    each test copies the folder before changing anything in it."""
+    """(folder, result) of one uninterrupted 2-process run, which tests compare against; a test
+    that changes files copies the folder first."""
     out = tmp_path_factory.mktemp("whole")
     return out, train(data_dir, out, TORCHRUN)
 
 
 def test_two_processes_match_one(data_dir, whole_run, tmp_path, capsys):
-    shutil.copytree(whole_run[0], tmp_path / "ddp")
-    result = whole_run[1]
+    ddp, result = whole_run
     single = tmp_path / "single"
     assert cli(capsys, main, "--data", data_dir, "--checkpoint-dir", single / "ck", "--submission", single / "sub.csv",
                *FLAGS)[0] == 0
 
     # Rank 0 alone writes: one checkpoint set, one history, one submission, one log.
-    assert sorted(os.listdir(tmp_path / "ddp" / "ck")) == ["best.pt", "history.csv", "last.pt"]
-    assert len((tmp_path / "ddp" / "sub.csv").read_text().splitlines()) == TEST_ROWS + 1
-    assert len((tmp_path / "ddp" / "ck" / "history.csv").read_text().splitlines()) == 3
+    assert sorted(os.listdir(ddp / "ck")) == ["best.pt", "history.csv", "last.pt"]
+    assert len((ddp / "sub.csv").read_text().splitlines()) == TEST_ROWS + 1
+    assert len((ddp / "ck" / "history.csv").read_text().splitlines()) == 3
     assert result.stdout.count("validation accuracy of the submitted predictor") == 1
     assert "in each of 2 processes" in result.stdout
 
     # Checkpoints hold the unwrapped model: they load in plain single-process inference.
-    best = load_checkpoint(str(tmp_path / "ddp" / "ck" / "best.pt"))
+    best = load_checkpoint(str(ddp / "ck" / "best.pt"))
     assert not any(key.startswith("module.") for key in best["model"])
     model_from_checkpoint(best)
 
-    single = load_checkpoint(str(tmp_path / "single" / "ck" / "best.pt"))
+    single = load_checkpoint(str(single / "ck" / "best.pt"))
     assert single["val_accuracy"] > 0.9
     assert abs(best["val_accuracy"] - single["val_accuracy"]) <= 0.03
 
+
+def test_resuming_a_finished_run_only_writes_the_submission(data_dir, whole_run, tmp_path):
+    """A fresh launch: every rank joins and loads last.pt; the run is complete, so no rank
+    trains and rank 0 writes the submission again."""
+    shutil.copytree(whole_run[0], tmp_path / "ddp")
+    (tmp_path / "ddp" / "sub.csv").unlink()
+    resumed = train(data_dir, tmp_path / "ddp", TORCHRUN, "--resume")
+    assert resumed.stdout.count("resumed from") == 1 and "train loss" not in resumed.stdout  # no epoch ran
+    for name in ("ck/history.csv", "sub.csv"):
+        assert (tmp_path / "ddp" / name).read_bytes() == (whole_run[0] / name).read_bytes(), name
 
 
 STOP_AT_EPOCH_2 = """
@@ -118,10 +127,10 @@ NOTEBOOK = """
 import sys
 sys.path.insert(0, {root!r})
 from main import run
-# A notebook cell run three times under torchrun (each call joins a new process group): a dry run,
-# a real run, then --resume of that finished run into another submission file.
-for n, settings in enumerate([dict(dry_run=True, folds=2, pseudo_label=0.5), {{}}, dict(resume=True)]):
-    results = run(data={data!r}, checkpoint_dir={out!r} + f"/ck{{min(n, 1)}}", submission={out!r} + f"/sub{{n}}.csv",
+# A notebook cell run twice under torchrun, a dry run then a real one: the second keeps the
+# process group the first joined.
+for n, settings in enumerate([dict(dry_run=True, folds=2, pseudo_label=0.5), {{}}]):
+    results = run(data={data!r}, checkpoint_dir={out!r} + f"/ck{{n}}", submission={out!r} + f"/sub{{n}}.csv",
                   preset="fast", epochs=1, batch_size=32, widths=(8, 16, 32), report=False, device="cpu",
                   **settings)
     print(f"run {{n}} ok", flush=True)  # one write: the two processes share stdout
@@ -130,8 +139,7 @@ for n, settings in enumerate([dict(dry_run=True, folds=2, pseudo_label=0.5), {{}
 
 @pytest.fixture(scope="module")
 def notebook_run(data_dir, tmp_path_factory):
-    """(folder, result) of one torchrun of three run() calls in each process: a dry run, a real
-    run, and a resume of the finished real run."""
+    """(folder, result) of one torchrun of two run() calls in each process: a dry run, then a real run."""
     out = tmp_path_factory.mktemp("notebook")
     script = out / "notebook.py"
     script.write_text(NOTEBOOK.format(root=ROOT, data=str(data_dir), out=str(out)))
@@ -151,14 +159,6 @@ def test_run_twice_in_one_torchrun_process(notebook_run):
     out, result = notebook_run
     assert result.stdout.count("run 1 ok") == 2  # both processes
     assert (out / "sub1.csv").exists() and len(pd.read_csv(out / "ck1" / "history.csv")) == 1
-
-
-def test_resuming_a_finished_run_under_torchrun_only_writes_the_submission(notebook_run):
-    """Every rank loads last.pt; the run is complete, so no rank trains and rank 0 predicts again."""
-    out, result = notebook_run
-    assert result.stdout.count("run 2 ok") == 2 and result.stdout.count("resumed from") == 1
-    assert len(pd.read_csv(out / "ck1" / "history.csv")) == 1  # no epoch added
-    assert (out / "sub2.csv").read_bytes() == (out / "sub1.csv").read_bytes()
 
 
 def test_more_processes_than_gpus_is_one_line(monkeypatch):

@@ -227,22 +227,42 @@ def test_index_html_renders_in_headless_chromium_with_every_image_loaded(full_re
     assert 'data-images-loaded="6/7"' in dom and '<p class="missing">missing picture: mistakes.png</p>' in dom
 
 
-def test_digit_grids_draw_every_image_in_a_tile_of_its_own(tmp_path):
-    """The grid is one picture of tiles: each image must land in a tile of its own, so k
-    all-ink digits darken k times the area of one (titles and frames are thin)."""
+def _rgb(path):
     from matplotlib.image import imread
+    return imread(path)[..., :3]
 
-    def dark_pixels(count, ink):
+
+def _dark_pixels(path):
+    return int((_rgb(path).mean(-1) < 0.2).sum())
+
+
+def test_digit_grids_draw_every_image_in_a_tile_of_its_own(tmp_path):
+    """The grids are one picture of tiles: each image must land in a tile of its own, so k
+    all-ink digits darken k times the area of one (titles and frames are thin)."""
+    def mistakes_picture(images, name):
         mistakes = [{"index": i, "line": i + 2, "label": 0, "label_probability": 0.1, "predicted": 1,
                      "predicted_probability": 0.8, "runner_up": 0, "runner_up_probability": 0.1}
-                    for i in range(count)]
-        images = torch.full((count, 1, 28, 28), ink, dtype=torch.uint8)
-        picture = imread(report.plot_mistakes(images, mistakes, count, str(tmp_path / f"{count}_{ink}.png")))
-        return int((picture[..., :3].mean(-1) < 0.2).sum())
+                    for i in range(len(images))]
+        return report.plot_mistakes(images, mistakes, len(images), str(tmp_path / name))
 
-    one, four = dark_pixels(1, 255) - dark_pixels(1, 0), dark_pixels(4, 255) - dark_pixels(4, 0)
+    def ink(count, value):
+        return _dark_pixels(mistakes_picture(torch.full((count, 1, 28, 28), value, dtype=torch.uint8), "m.png"))
+
+    one, four = ink(1, 255) - ink(1, 0), ink(4, 255) - ink(4, 0)
     assert one > 150 ** 2  # a tile is about 165 px square at 100 dpi
     assert 3.9 < four / one < 4.1
+
+    # A uint8 image (0-255) and the same image as floats in [0, 1] look the same.
+    grey = (torch.arange(784) % 256).to(torch.uint8).view(1, 1, 28, 28)  # every grey level
+    pictures = [mistakes_picture(images, f"{kind}.png") for kind, images in
+                (("uint8", grey), ("float", grey.float() / 255))]
+    assert np.array_equal(*(_rgb(path) for path in pictures))
+
+    # The augmentation picture: one row of originals, then one row per augmented view.
+    digits = torch.full((10, 1, 28, 28), 255, dtype=torch.uint8), torch.arange(10)
+    rows = {views: _dark_pixels(report.plot_augmentation(*digits, AugmentConfig(shift=0.01), str(tmp_path / "a.png"),
+                                                         views=views)) for views in (1, 3)}
+    assert 1.9 < rows[3] / rows[1] < 2.1  # 4 rows of 10 tiles against 2
 
 
 def test_write_report_without_history_or_augmentation(tmp_path, split):
