@@ -201,34 +201,38 @@ def prepare_output():
         except (AttributeError, OSError, ValueError):  # not a real file (a notebook's, pytest's): nothing to guard
             continue
         if not isinstance(stream, _QuietOnceUnread):
-            setattr(sys, name, _QuietOnceUnread(stream))
+            setattr(sys, name, _QuietOnceUnread(stream, name))
 
 
 class _QuietOnceUnread:
-    """stdout or stderr that, after a BrokenPipeError, points its file descriptor at /dev/null, so
-    every later write (and the flush at exit) succeeds unseen instead of ending the run with a
-    traceback."""
+    """stdout or stderr that, once it cannot be written, points its file descriptor at /dev/null,
+    so every later write (and the flush at exit) succeeds unseen instead of ending the run
+    with a traceback. A reader gone (BrokenPipeError) is fine: the run goes on. Any other
+    failure (a full disk under `> log.txt`) stops the command as bad output does: exit 2."""
 
-    def __init__(self, stream):
-        self._stream = stream
+    def __init__(self, stream, name):
+        self._stream, self._name = stream, name
 
     def write(self, text):
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._to_devnull()
+        except OSError as e:
+            self._unwritable(e)
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._to_devnull()
+        except OSError as e:
+            self._unwritable(e)
 
-    def _to_devnull(self):
+    def _unwritable(self, error):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self._stream.fileno())
         os.close(devnull)
+        if not isinstance(error, BrokenPipeError):
+            raise UserError(f"{self._name}: cannot write ({os.strerror(error.errno or 0)}); free space there, "
+                            f"or send it to another file") from None
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...
         return getattr(self._stream, name)
@@ -254,6 +258,7 @@ def run_command(run, args, failures=(), interrupted=None, failed=None) -> int:
     try:
         with interrupts:
             run(args)
+            sys.stdout.flush()  # now, so a log that cannot be written is an error, not a warning at exit
     except UserError as e:
         code = fail(e)
         if failed:

@@ -863,6 +863,20 @@ def test_a_reader_that_stops_reading_stdout_does_not_stop_the_run(tmp_path, out,
     assert len((out / "final_submission.csv").read_text().splitlines()) == ROWS + 1
 
 
+def test_stdout_on_a_full_disk_stops_the_run_with_one_line(capsys, tmp_path, out, monkeypatch):
+    """`python main.py > log.txt` on a full disk (/dev/full: every write fails with ENOSPC): exit 2,
+    one line on stderr, the earlier results as they were, and no warning from the last flush."""
+    before = snapshot(out)
+    with open("/dev/full", "w", buffering=1) as full:  # line-buffered: the first line fails
+        monkeypatch.setattr(sys, "stdout", full)
+        argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
+        code = main.main([str(a) for a in argv])
+        sys.stdout.flush()  # as at exit: quiet now
+    err = capsys.readouterr().err.strip().splitlines()
+    assert_user_error(code, err, "stdout: cannot write (No space left on device)", "send it to another file")
+    assert snapshot(out) == before  # it stopped at its first line, before training
+
+
 def test_an_interrupt_after_the_reader_of_stderr_left_still_exits_130(tmp_path, out, monkeypatch):
     """`python main.py 2>&1 | head -1`, then Ctrl-C: the resume line meets a closed pipe."""
     read_end, write_end = os.pipe()
