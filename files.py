@@ -43,12 +43,14 @@ def _reason(error: OSError):
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode="w"):
+def atomic_open(path, mode="w", together=None):
     """Open a temp file next to `path`; on success it is synced and renamed onto `path`.
 
     Readers see the old file or the complete new one, never a torn one, whatever happens
     mid-write (exception, Ctrl-C, kill -9, power loss); on an exception the temp file goes.
     An OSError (full disk, read-only file system) becomes an OutputError naming `path`.
+    With `together` (the list `written_together` gives), the synced temp file is renamed
+    when that block ends, with the others.
     """
     check_regular_file(path)
     target = os.path.realpath(path)  # through a symlink: replace its target, keep the link
@@ -69,7 +71,10 @@ def atomic_open(path, mode="w"):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, target)
+        if together is None:
+            os.replace(tmp_path, target)
+        else:
+            together.append((path, tmp_path, target, made))
         tmp_path = made = None
     except OSError as e:
         if e.errno not in _WRITE_ERRORS:  # e.g. a read error in the caller's block: not ours
@@ -81,6 +86,30 @@ def atomic_open(path, mode="w"):
                 os.unlink(tmp_path)
         if made is not None:  # not written, whatever failed (the folders, the temp file, the write)
             _remove_empty(made)
+
+
+@contextlib.contextmanager
+def written_together():
+    """A list for `atomic_open(..., together=it)`: files that belong together (a submission and
+    its probabilities) are each written and synced in their own block, then all renamed onto
+    their paths when this block ends, and only if it ends without an error; otherwise their
+    temp files go and every file stays as it was."""
+    pending = []  # (path, temp file, target, folders made for it)
+    try:
+        yield pending
+        while pending:
+            path, tmp_path, target, _ = pending[0]
+            try:
+                os.replace(tmp_path, target)
+            except OSError as e:
+                raise OutputError(f"{path}: cannot write: {_reason(e)}") from None
+            pending.pop(0)
+    finally:
+        for _, tmp_path, _, made in pending:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
+            if made is not None:
+                _remove_empty(made)
 
 
 def _missing_folders(folder):

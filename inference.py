@@ -32,7 +32,7 @@ from DigitRecognizerModel import NUM_CLASSES, CheckpointError, load_checkpoint, 
 from cli import ArgumentParser, UserError, choose_device, path_argument, run_command
 from dataloader import (CHUNK_ROWS, DataError, DigitDataset, NoLabelColumn, find_data, iter_digit_csv, load_digit_csv,
                         names_read_as_data, resolve_csv, source_files, warp)
-from files import HOLDER, HOLDER_FILE, Kind, atomic_open, check_outputs, folder_lock
+from files import HOLDER, HOLDER_FILE, Kind, atomic_open, check_outputs, folder_lock, written_together
 from report import report_files, write_report
 
 
@@ -176,25 +176,29 @@ def write_probability_rows(f, probs, first_image_id=1):
                  for i, row in enumerate(probs.tolist(), start=first_image_id))
 
 
-def report_file(models, input_path, report_dir, device, tta=False, checkpoints=(), log=print):
-    """Score a labelled CSV and write the report into `report_dir`; returns (probabilities, paths)."""
+def score_labelled(models, input_path, device, tta=False, log=print):
+    """(dataset, probabilities (N, classes), the file's name) of the models on a labelled CSV."""
     try:
         images, labels = load_digit_csv(input_path, "train.csv", labelled=True, log=log)
     except NoLabelColumn as e:
         raise DataError(f"--report needs labelled input: {e}") from None
-    probs = predict_probs(models, images, device, tta)
     name = os.path.basename(resolve_csv(input_path, "train.csv")[0])  # a folder's train.csv, zip.zip:train.csv
-    dataset = DigitDataset(images, labels)
+    return DigitDataset(images, labels), predict_probs(models, images, device, tta), name
+
+
+def report_scores(report_dir, dataset, probs, name, settings, log=print):
+    """Write the report of `probs` on the labelled `dataset` from file `name`; `settings` (the
+    checkpoints, the input, TTA) go on its page. Returns {file name: path}."""
     log("note: rows a checkpoint trained on score optimistically (a default run trains on 90% of train.csv): "
         "for an honest figure, report on rows it never saw")
-    return probs, write_report(report_dir, dataset, probs, name=name, log=log, line_numbers=dataset.line_numbers,
-                               lines_in=name,
-                               recipe={"checkpoints": " ".join(checkpoints), "input": input_path, "tta": tta})
+    return write_report(report_dir, dataset, probs, name=name, log=log, line_numbers=dataset.line_numbers,
+                        lines_in=name, recipe=settings)
 
 
-def write_submission(path, predictions):
-    """Kaggle submission: header ImageId,Label; ImageId counts from 1. Streamed, atomic."""
-    with atomic_open(path) as f:
+def write_submission(path, predictions, together=None):
+    """Kaggle submission: header ImageId,Label; ImageId counts from 1. Streamed, atomic
+    (`together`: see files.atomic_open)."""
+    with atomic_open(path, together=together) as f:
         f.write("ImageId,Label\n")
         for start in range(0, len(predictions), CHUNK_ROWS):
             block = predictions[start:start + CHUNK_ROWS].tolist()
@@ -257,17 +261,20 @@ def run(args, log=print):
     states, models = load_each_once(args.checkpoint, device)
     if args.tta is None:
         args.tta = trained_with_tta(states, log)
-    probs_output = atomic_open(args.probs) if args.probs else contextlib.nullcontext()
-    if args.report is not None:  # locked as main.py locks its own: two reports never mix in one folder
-        with folder_lock(args.report, "--report"), probs_output as probs_file:
-            probs, _ = report_file(models, args.input, args.report, device, tta=args.tta,
-                                   checkpoints=args.checkpoint, log=log)
-            if probs_file is not None:
-                write_probability_rows(probs_file, probs)
-        return len(probs)
-    with probs_output as probs_file:
-        predictions = predict_file(models, args.input, device, tta=args.tta, probs_file=probs_file, log=log)
-        write_submission(args.output, predictions)
+    with written_together() as together:  # --probs lands with the submission, or once the report is whole
+        probs_output = atomic_open(args.probs, together=together) if args.probs else contextlib.nullcontext()
+        if args.report is not None:  # locked as main.py locks its own: two reports never mix in one folder
+            with folder_lock(args.report, "--report"):
+                dataset, probs, name = score_labelled(models, args.input, device, args.tta, log)
+                with probs_output as probs_file:
+                    if probs_file is not None:
+                        write_probability_rows(probs_file, probs)
+                report_scores(args.report, dataset, probs, name,
+                              {"checkpoints": " ".join(args.checkpoint), "input": args.input, "tta": args.tta}, log)
+            return len(probs)
+        with probs_output as probs_file:
+            predictions = predict_file(models, args.input, device, tta=args.tta, probs_file=probs_file, log=log)
+        write_submission(args.output, predictions, together)
     log(f"wrote {args.output} ({len(predictions):,} rows) from {len(models)} checkpoint(s)"
         f"{', with TTA' if args.tta else ''}")
     return len(predictions)

@@ -902,6 +902,41 @@ def test_ctrl_c_or_sigterm_during_inference_is_one_line_and_leaves_no_partial_fi
     assert snapshot(out) == before  # no .tmp- file, the old outputs untouched
 
 
+@pytest.mark.parametrize("failing", ["p.csv", "final_submission.csv"])
+def test_inference_replaces_the_submission_and_its_probabilities_together_or_neither(capsys, tmp_path, out,
+                                                                                   monkeypatch, failing):
+    """A full disk while syncing either file (--probs is synced first) leaves both as they were:
+    never a new submission beside the old probabilities."""
+    (out / "p.csv").write_text(EARLIER_PROBABILITIES)
+    before, syncs, real_fsync = snapshot(out), [], os.fsync
+
+    def fsync_on_a_full_disk(fd):
+        if "/.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):  # an output's temp file, not the free-space probe
+            syncs.append(fd)
+            if len(syncs) == (1 if failing == "p.csv" else 2):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync_on_a_full_disk)
+    code, _, err = cli(capsys, inference, *inference_argv(write_data(tmp_path / "data") / "test.csv", out),
+                       "--probs", out / "p.csv")
+    assert_user_error(code, err, f"{out / failing}: cannot write: the disk is full")
+    assert snapshot(out) == before
+
+
+def test_inference_report_that_fails_midway_leaves_the_probabilities_as_they_were(capsys, tmp_path, out,
+                                                                                 monkeypatch):
+    (out / "p.csv").write_text(EARLIER_PROBABILITIES)
+
+    def report_on_a_full_disk(*args, **kwargs):
+        raise OutputError(f"{out / 'rep' / 'mistakes.csv'}: cannot write: the disk is full")
+    monkeypatch.setattr(inference, "write_report", report_on_a_full_disk)
+    data = write_data(tmp_path / "data")
+    code, _, err = cli(capsys, inference, "--checkpoint", out / "ckpt" / "best.pt", "--input", data / "train.csv",
+                       "--report", out / "rep", "--probs", out / "p.csv")
+    assert_user_error(code, err, "mistakes.csv: cannot write")
+    assert (out / "p.csv").read_text() == EARLIER_PROBABILITIES and not list(out.glob(".tmp-*"))
+
+
 def test_inference_that_fails_midway_leaves_no_folder_it_made_for_probs(capsys, tmp_path, out):
     data = write_data(tmp_path / "data", test="\n".join(good_lines(False)) + "\n" + "1,2\n")  # a bad last line
     code, _, err = cli(capsys, inference, *inference_argv(data / "test.csv", out), "--probs", tmp_path / "new" / "p.csv")
