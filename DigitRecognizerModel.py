@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from cli import UserError, first_sentence, setting
-from files import Kind, atomic_write_bytes
+from files import Kind, atomic_write_bytes, read_head
 
 # Mean and std of MNIST pixels scaled to [0, 1]; the model normalises its own input so
 # every caller feeds it plain [0, 1] images.
@@ -214,6 +214,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not os.path.isfile(path):  # reading a pipe would wait for a writer forever
         raise CheckpointError(f"{path}: is a device, pipe or socket, not a checkpoint file; pass a best.pt")
     _check_records(path)
+    not_a_checkpoint = (f"{path}: not a checkpoint (its bytes are not a saved PyTorch file); pass a best.pt or "
+                        f"last.pt written by this suite")
+    head = read_head(path)
+    if head and not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip (older torch: a pickle)
+        raise CheckpointError(not_a_checkpoint)  # a CSV, an ONNX file, a picture
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; errors say enough
             warnings.simplefilter("ignore")
@@ -227,9 +232,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {first_sentence(e)}") from None
-    except (IndexError, KeyError, TypeError, AttributeError, AssertionError, OverflowError):  # other bytes (a CSV,
-        raise CheckpointError(f"{path}: not a checkpoint (its bytes are not a saved PyTorch file); pass a best.pt "
-                              f"or last.pt written by this suite") from None  # a text file, a crafted pickle)
+    except (IndexError, KeyError, TypeError, AttributeError, AssertionError, OverflowError):  # other bytes (a
+        raise CheckpointError(not_a_checkpoint) from None  # crafted pickle)
     except MemoryError:
         raise CheckpointError(f"{path}: needs more memory than is free to load; not a checkpoint of this suite's "
                               f"size (a few MB)") from None

@@ -312,6 +312,10 @@ def _read_chunks(label, opener, chunk_rows, dtype=None):
         raise DataError(f"{label}: file is empty; expected a Kaggle CSV with a header line") from None
     except pd.errors.ParserError as e:  # e.g. "Expected 785 fields in line 7, saw 786"
         detail = str(e).strip().splitlines()[0].removeprefix("Error tokenizing data. C error: ")
+        quote = re.match(r"EOF inside string starting at row (\d+)", detail)  # rows count from 0: the header
+        if quote:
+            raise DataError(f"{label}: line {int(quote[1]) + 1}: a quote (\") opens a cell and nothing closes it; "
+                            f"remove it") from None
         raise DataError(f"{label}: {detail}; every line needs the header's number of cells") from None
     except zipfile.BadZipFile as e:
         raise DataError(_damaged_zip(label, e)) from None
@@ -325,6 +329,12 @@ def _read_chunks(label, opener, chunk_rows, dtype=None):
 
 # ----------------------------------------------------------------------------- checking
 
+def _shown(text, limit=40):
+    """A cell or column name as a message quotes it: control characters escaped, a long one cut."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _as_written(column, names):
     """The header cell that pandas read as `column`: it renames a repeated 'label' to 'label.1'."""
     written = re.sub(r"\.\d+$", "", column)
@@ -333,6 +343,8 @@ def _as_written(column, names):
 
 def _check_columns(label, columns, expect_label):
     columns = [str(c).strip() for c in columns]
+    if columns[0].startswith("#"):
+        raise DataError(f"{label}: the first line is a comment ({_shown(columns[0])}), not the header; delete it")
     if len(columns) == 1:  # one long header cell: the cells are split by something else
         for separator, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'"), (" ", "spaces")):
             if separator in columns[0]:
@@ -343,15 +355,23 @@ def _check_columns(label, columns, expect_label):
     if columns[0] == "ImageId":  # a submission or --probs file
         raise DataError(f"{label}: is predictions ({', '.join(columns[:2])}, ...), not Kaggle's "
                         f"{'train' if expect_label else 'test'}.csv; pass that file")
+    kaggle_header = f"{'label,' if expect_label else ''}pixel0,...,pixel783"
     if not any(c == "label" or c.startswith("pixel") for c in columns):
-        first = ", ".join(_as_written(c, set(columns)) for c in columns[:3])  # pandas made a repeated '0' '0.1'
+        first = ", ".join(_shown(_as_written(c, set(columns))) for c in columns[:3])  # pandas made a repeated '0' '0.1'
+        if any(c.lower() == "label" or c.lower().startswith("pixel") for c in columns):
+            raise DataError(f"{label}: the header's names are not lower-case ({first}, ...); Kaggle's header is "
+                            f"{kaggle_header}")
         raise DataError(f"{label}: no header line (the first line is {first}, ...); add Kaggle's "
-                        f"header, {'label,' if expect_label else ''}pixel0,...,pixel783, as the first line")
+                        f"header, {kaggle_header}, as the first line")
     names = set(columns)
     repeated = next((c for c, count in collections.Counter(_as_written(c, names) for c in columns).items()
                      if count > 1), None)
     if repeated is not None:  # pandas renames only exact repeats; ' label' and 'label' reach here as they are
-        raise DataError(f"{label}: column '{repeated}' appears twice in the header; keep one of them")
+        raise DataError(f"{label}: column '{_shown(repeated)}' appears twice in the header; keep one of them")
+    unnamed = next((i for i, c in enumerate(columns) if c.startswith("Unnamed: ") or not c), None)
+    if unnamed is not None:  # pandas names a header cell that is empty 'Unnamed: N'
+        raise DataError(f"{label}: column {unnamed + 1} has no name in the header (the index that pandas' "
+                        f"to_csv writes unless index=False, or a comma at the end of each line); drop it")
     pixel_columns = [c for c in columns if c != "label"]
     if expect_label and "label" not in columns:
         raise NoLabelColumn(f"{label}: no 'label' column; a training CSV needs label,pixel0..pixel783")
@@ -362,7 +382,8 @@ def _check_columns(label, columns, expect_label):
         )
     if pixel_columns != PIXEL_COLUMNS:
         bad = next(c for c, want in zip(pixel_columns, PIXEL_COLUMNS) if c != want)
-        raise DataError(f"{label}: unexpected column '{bad}'; pixel columns must be named pixel0..pixel783 in order")
+        raise DataError(f"{label}: unexpected column '{_shown(bad)}'; pixel columns must be named pixel0..pixel783 "
+                        f"in order")
 
 
 def _numeric(label, chunk, first_line):
@@ -386,7 +407,7 @@ def _numeric(label, chunk, first_line):
         raise DataError(f"{where}: blank or NaN cell; every cell must be a whole number")
     if is_boolean[col]:
         raise DataError(f"{where}: a True/False cell; every cell must be a whole number")
-    raise DataError(f"{where}: '{raw}' is not a whole number; fix or drop that row")
+    raise DataError(f"{where}: '{_shown(raw)}' is not a whole number; fix or drop that row")
 
 
 def _chunk_to_tensors(label, raw, first_line, keep_label):

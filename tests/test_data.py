@@ -169,6 +169,20 @@ BAD_CONTENT = {  # case: (good lines -> bad content, what the error line must sa
     "a column twice, exactly": (  # pandas reads the second as 'pixel5.1'
         lambda lines: "\n".join([lines[0] + ",pixel5"] + [t + ",0" for t in lines[1:]]) + "\n",
         "column 'pixel5' appears twice in the header; keep one of them"),
+    "pandas' index column": (  # df.to_csv(path) without index=False
+        lambda lines: "\n".join(["," + lines[0]] + [f"{n},{t}" for n, t in enumerate(lines[1:])]) + "\n",
+        "column 1 has no name in the header (the index that pandas' to_csv writes unless index=False"),
+    "a comma at the end of each line": (lambda lines: "\n".join(t + "," for t in lines) + "\n",
+                                        "has no name in the header"),
+    "header not lower-case": (lambda lines: "\n".join([lines[0].title(), *lines[1:]]) + "\n",
+                              "the header's names are not lower-case"),
+    "a comment first": (lambda lines: "\n".join(["# digits", *lines]) + "\n",
+                        "the first line is a comment (# digits), not the header; delete it"),
+    "an unclosed quote": (edit_line(lambda t: t.replace(",", ',"', 1)),
+                          'line 4: a quote (") opens a cell and nothing closes it; remove it'),
+    "a long text cell": (edit_cell("x" * 2000), f"'{'x' * 40}...' is not a whole number"),
+    "a NUL in a column name": (edit_line(lambda t: t.replace("pixel7,", "pix\0el7,"), line=1),
+                               "unexpected column 'pix\\x00el7'"),
 }
 BAD_TRAIN_CONTENT = {
     "no label column": (lambda lines: "\n".join(t.split(",", 1)[1] for t in lines) + "\n", "no 'label' column"),
