@@ -470,6 +470,8 @@ def dry_run_outputs(options, recipe, log):
             report = ", the report too" if writes_report(options, recipe) else ""
             log(f"dry run: everything worked; its outputs (in {folder}{report}) "
                 f"were temporary and are removed now, nothing else was written")
+    except OutputError as e:  # no flag moves the temporary folder: TMPDIR does
+        raise OutputError(f"{e} (the dry run's temporary folder: set TMPDIR to a folder with room)") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

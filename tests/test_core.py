@@ -163,6 +163,17 @@ def test_dry_run_refuses_what_the_real_run_would(kaggle_dir, tmp_path, capsys, f
     assert "nothing to --resume there" in capsys.readouterr().err
 
 
+def test_a_dry_run_on_a_full_temporary_disk_says_to_set_tmpdir(kaggle_dir, capsys, monkeypatch):
+    from files import OutputError
+
+    def full(path, predictions):
+        raise OutputError(f"{path}: cannot write: the disk is full; free space or choose another location")
+    monkeypatch.setattr(main, "write_submission", full)
+    assert main.main(["--data", str(kaggle_dir), "--dry-run", "--epochs", "1", "--report", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "digit-dry-run-" in err[0] and "set TMPDIR to a folder with room" in err[0]
+
+
 @pytest.mark.parametrize("held, flags, says", [
     ("ck", [], "--checkpoint-dir {ck}: in use by another run (pid "),
     ("ck/member1", [], "--checkpoint-dir {ck}: in use by another run (a run in a folder inside it)"),
