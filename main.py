@@ -353,6 +353,9 @@ def train_rounds(options, recipe, full, test_images, device, log):
         extra = pseudo_labelled(test_images, test_probs, recipe.ensemble.pseudo_label)
         log(f"pseudo-labels: {len(extra):,} of {len(test_images):,} test images at probability >= "
             f"{recipe.ensemble.pseudo_label:g} join every member's training rows for round 2")
+        if not len(extra) and len(test_images):
+            log(f"note: the surest test prediction reads {float(test_probs.max()):.3f} (label smoothing keeps them "
+                f"low), so round 2 trains on train.csv alone, as round 1 did: use a lower --pseudo-label")
         members = plan(recipe, full.labels, os.path.join(options.checkpoint_dir, "round2"), options.seed)
         histories = train_members(options, members, full, device, log, extra)
         if recipe.ensemble.folds:

@@ -1,6 +1,7 @@
 """Ensembles, test-time augmentation and full-data refits, on tiny synthetic data."""
 
 import os
+import re
 import shlex
 
 import numpy as np
@@ -225,6 +226,15 @@ def test_pseudo_label_under_folds_says_its_out_of_fold_figure_is_optimistic(kagg
         "note: round 2's out-of-fold figure is slightly optimistic") < out.rindex("out-of-fold accuracy (2 folds")
     page = (tmp_path / "report" / "index.html").read_text()
     assert "slightly optimistic: its pseudo-labels come from round 1&#x27;s whole ensemble" in page
+
+
+def test_a_pseudo_label_threshold_no_prediction_reaches_says_so(kaggle_dir, tmp_path, capsys):
+    assert main.main(["--data", str(kaggle_dir), "--pseudo-label", "0.999", "--epochs", "1", "--widths", "4", "8", "8",
+                      "--checkpoint-dir", str(tmp_path / "ck"), "--submission", str(tmp_path / "s.csv"),
+                      "--report", ""]) == 0
+    out = capsys.readouterr().out
+    assert "pseudo-labels: 0 of 120 test images" in out
+    assert re.search(r"note: the surest test prediction reads 0\.\d{3} .*use a lower --pseudo-label", out)
 
 
 def test_pseudo_labels_keep_only_confident_test_images():
