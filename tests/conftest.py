@@ -162,3 +162,13 @@ def snapshot(folder):
     (pipes and devices are left out: reading a pipe would block)."""
     files = [Path(d, name) for d, _, names in os.walk(folder) for name in names if Path(d, name).is_file()]
     return {str(f.relative_to(folder)): (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+
+
+LONGEST_FILES = ["test_distributed.py", "test_robustness.py", "test_resume.py"]  # torchrun, real processes
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test files first: pytest.ini hands whole files to the workers in this order,
+    so the others fill in around them instead of one long file running alone at the end."""
+    items.sort(key=lambda item: LONGEST_FILES.index(item.path.name) if item.path.name in LONGEST_FILES
+               else len(LONGEST_FILES))
