@@ -85,6 +85,8 @@ def find_data(path=None, names=("train.csv", "test.csv"), kaggle_root=None):
             raise DataError(f"found no {' or '.join(names)} in {', '.join(candidates)}; {GET_THE_DATA}, "
                             f"or pass the folder or zip that holds the data")
     if len(names) > 1 and os.path.exists(path) and not os.path.isdir(path) and not _is_zip(path):  # a file or pipe
+        if _is_gzipped_zip(path):
+            raise DataError(f"{path}: is a zip compressed again with gzip; gunzip it and pass the zip")
         raise DataError(f"{path}: one CSV file cannot be both {' and '.join(names)} (the test set would be the "
                         f"training images); pass the folder or the Kaggle zip that holds them all")
     files = [resolve_csv(path, name)[0] for name in names]
@@ -132,6 +134,15 @@ def _csv_files_in(folder, name):
     except OSError:  # unreadable folder: reading it fails later with its own message
         gzipped = []
     return [full for full in (os.path.join(folder, entry) for entry in [name, *gzipped]) if os.path.isfile(full)]
+
+
+def _is_gzipped_zip(path):
+    """A regular file of gzip data that holds a zip (Kaggle's zip, gzipped again)."""
+    if not os.path.isfile(path):
+        return False
+    with contextlib.suppress(OSError, EOFError, zlib.error), gzip.open(path) as f:  # BadGzipFile: an OSError
+        return f.read(4) == b"PK\x03\x04"
+    return False
 
 
 def _is_zip(path):

@@ -503,6 +503,12 @@ def test_one_csv_cannot_be_both_training_and_test_set(kaggle_dir):
         find_data(train_csv)
     assert find_data(train_csv, names=("train.csv",)) == train_csv  # inference --report takes one labelled file
     assert find_data(str(kaggle_dir)) == str(kaggle_dir)
+    gzipped_zip = kaggle_dir / "digit-recognizer.zip.gz"
+    with zipfile.ZipFile(kaggle_dir / "digit-recognizer.zip", "w") as archive:
+        archive.write(train_csv, "train.csv")
+    gzipped_zip.write_bytes(gzip.compress((kaggle_dir / "digit-recognizer.zip").read_bytes()))
+    with pytest.raises(DataError, match="digit-recognizer.zip.gz: is a zip compressed again with gzip; gunzip it"):
+        find_data(str(gzipped_zip))
     (kaggle_dir / "test.csv").unlink()
     (kaggle_dir / "test.csv").symlink_to(kaggle_dir / "train.csv")  # the same file under the other name
     with pytest.raises(DataError, match=f"test.csv: is the same file as {train_csv} .*put Kaggle's test.csv there"):
