@@ -216,7 +216,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     _check_records(path)
     not_a_checkpoint = (f"{path}: not a checkpoint (its bytes are not a saved PyTorch file); pass a best.pt or "
                         f"last.pt written by this suite")
-    head = read_head(path)
+    try:
+        head = read_head(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint: {first_sentence(e)}") from None
     if head and not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip (older torch: a pickle)
         raise CheckpointError(not_a_checkpoint)  # a CSV, an ONNX file, a picture
     try:

@@ -204,11 +204,15 @@ def prepare_output():
             setattr(sys, name, _QuietOnceUnread(stream, name))
 
 
+class LogError(UserError):
+    """The run's log (stdout) cannot be written: a full disk under `> log.txt`."""
+
+
 class _QuietOnceUnread:
     """stdout or stderr that, once it cannot be written, points its file descriptor at /dev/null,
     so every later write (and the flush at exit) succeeds unseen instead of ending the run
     with a traceback. A reader gone (BrokenPipeError) is fine: the run goes on. Any other
-    failure (a full disk under `> log.txt`) stops the command as bad output does: exit 2."""
+    failure of stdout (a full disk under `> log.txt`) stops the command as bad output does: exit 2."""
 
     def __init__(self, stream, name):
         self._stream, self._name = stream, name
@@ -230,9 +234,10 @@ class _QuietOnceUnread:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self._stream.fileno())
         os.close(devnull)
-        if not isinstance(error, BrokenPipeError):
-            raise UserError(f"{self._name}: cannot write ({os.strerror(error.errno or 0)}); free space there, "
-                            f"or send it to another file") from None
+        if self._name == "stdout" and not isinstance(error, BrokenPipeError):  # stderr: no line could say so
+            reason = os.strerror(error.errno) if error.errno else type(error).__name__
+            raise LogError(f"stdout: cannot write ({reason}); send the log to a file or disk that can take it, "
+                           f"or to the terminal") from None
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...
         return getattr(self._stream, name)

@@ -355,6 +355,9 @@ def _as_written(column, names):
 def _check_columns(label, columns, expect_label):
     columns = [str(c).strip() for c in columns]
     if columns[0].startswith("#"):
+        if columns[0].lstrip("# ") in ("label", "pixel0"):  # numpy.savetxt(header=...) writes '# ' before it
+            raise DataError(f"{label}: the header line starts with '#' (numpy's savetxt adds '# ' unless "
+                            f"comments=''); remove the '#'")
         raise DataError(f"{label}: the first line is a comment ({_shown(columns[0])}), not the header; delete it")
     if len(columns) == 1:  # one long header cell: the cells are split by something else
         for separator, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'"), (" ", "spaces")):
@@ -381,8 +384,9 @@ def _check_columns(label, columns, expect_label):
         raise DataError(f"{label}: column '{_shown(repeated)}' appears twice in the header; keep one of them")
     unnamed = next((i for i, c in enumerate(columns) if c.startswith("Unnamed: ") or not c), None)
     if unnamed is not None:  # pandas names a header cell that is empty 'Unnamed: N'
-        raise DataError(f"{label}: column {unnamed + 1} has no name in the header (the index that pandas' "
-                        f"to_csv writes unless index=False, or a comma at the end of each line); drop it")
+        why = ("the index that pandas' to_csv writes unless index=False" if unnamed == 0 else
+               "a comma at the end of each line" if unnamed == len(columns) - 1 else "two commas in a row")
+        raise DataError(f"{label}: column {unnamed + 1} has no name in the header ({why}?); drop that column")
     pixel_columns = [c for c in columns if c != "label"]
     if expect_label and "label" not in columns:
         raise NoLabelColumn(f"{label}: no 'label' column; a training CSV needs label,pixel0..pixel783")

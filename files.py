@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import signal
 import socket
 import stat
 import sys
@@ -81,11 +82,7 @@ def atomic_open(path, mode="w", together=None):
             raise
         raise OutputError(f"{path}: cannot write: {_reason(e)}") from None
     finally:
-        if tmp_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_path)
-        if made is not None:  # not written, whatever failed (the folders, the temp file, the write)
-            _remove_empty(made)
+        _discard(tmp_path, made)
 
 
 @contextlib.contextmanager
@@ -97,19 +94,70 @@ def written_together():
     pending = []  # (path, temp file, target, folders made for it)
     try:
         yield pending
+        _replace_all(pending)
+    finally:
+        for _, tmp_path, _, made in pending:
+            _discard(tmp_path, made)
+
+
+def _replace_all(pending):
+    """Rename each pending temp file onto its target, emptying `pending`, with Ctrl-C and SIGTERM
+    held until the last rename. If one fails, the targets already replaced get their old files
+    back (kept meanwhile as hard links, where the file system has them), so the files never
+    disagree."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    replaced = []  # (target, a hard link to its old file or None, whether it had one)
+    try:
         while pending:
             path, tmp_path, target, _ = pending[0]
+            existed = os.path.isfile(target)
+            kept = _keep_old(target, tmp_path + ".old") if existed else None
             try:
                 os.replace(tmp_path, target)
             except OSError as e:
+                replaced = [(None, kept, False), *_put_back(replaced)]
                 raise OutputError(f"{path}: cannot write: {_reason(e)}") from None
+            replaced.append((target, kept, existed))
             pending.pop(0)
     finally:
-        for _, tmp_path, _, made in pending:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_path)
-            if made is not None:
-                _remove_empty(made)
+        for _, kept, _ in replaced:
+            if kept:
+                with contextlib.suppress(OSError):
+                    os.unlink(kept)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _keep_old(target, link):
+    """`link`, a new hard link to `target`'s file, or None where the file system refuses it."""
+    try:
+        os.link(target, link)
+        return link
+    except OSError:
+        return None
+
+
+def _put_back(replaced):
+    """Give each replaced target its old file again (a new one that had none goes); returns the
+    links left over."""
+    left = []
+    for target, kept, existed in reversed(replaced):
+        with contextlib.suppress(OSError):
+            if kept:
+                os.replace(kept, target)
+                continue
+            if not existed:
+                os.unlink(target)
+        left.append((None, kept, False))
+    return left
+
+
+def _discard(tmp_path, made):
+    """Remove a temp file that was not renamed, and the folders made for it."""
+    if tmp_path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+    if made is not None:  # not written, whatever failed (the folders, the temp file, the write)
+        _remove_empty(made)
 
 
 def _missing_folders(folder):

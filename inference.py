@@ -261,17 +261,17 @@ def run(args, log=print):
     states, models = load_each_once(args.checkpoint, device)
     if args.tta is None:
         args.tta = trained_with_tta(states, log)
-    with written_together() as together:  # --probs lands with the submission, or once the report is whole
+    if args.report is not None:  # locked as main.py locks its own: two reports never mix in one folder
+        with folder_lock(args.report, "--report"), written_together() as together:  # --probs once the report is whole
+            dataset, probs, name = score_labelled(models, args.input, device, args.tta, log)
+            if args.probs:
+                with atomic_open(args.probs, together=together) as probs_file:
+                    write_probability_rows(probs_file, probs)
+            report_scores(args.report, dataset, probs, name,
+                          {"checkpoints": " ".join(args.checkpoint), "input": args.input, "tta": args.tta}, log)
+        return len(probs)
+    with written_together() as together:  # the submission and --probs: both replaced, or neither
         probs_output = atomic_open(args.probs, together=together) if args.probs else contextlib.nullcontext()
-        if args.report is not None:  # locked as main.py locks its own: two reports never mix in one folder
-            with folder_lock(args.report, "--report"):
-                dataset, probs, name = score_labelled(models, args.input, device, args.tta, log)
-                with probs_output as probs_file:
-                    if probs_file is not None:
-                        write_probability_rows(probs_file, probs)
-                report_scores(args.report, dataset, probs, name,
-                              {"checkpoints": " ".join(args.checkpoint), "input": args.input, "tta": args.tta}, log)
-            return len(probs)
         with probs_output as probs_file:
             predictions = predict_file(models, args.input, device, tta=args.tta, probs_file=probs_file, log=log)
         write_submission(args.output, predictions, together)

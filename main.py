@@ -32,8 +32,9 @@ import time
 import torch
 
 from DigitRecognizerModel import CHECKPOINT, NUM_CLASSES, CheckpointError, build_model, own_defaults
-from cli import (ArgumentParser, UserError, add_setting_flags, choose_device, flatten_settings, launched_world_size,
-                 path_argument, prepare_output, ranged, replace_settings, run_command, settings_from_flags)
+from cli import (ArgumentParser, LogError, UserError, add_setting_flags, choose_device, flatten_settings,
+                 launched_world_size, path_argument, prepare_output, ranged, replace_settings, run_command,
+                 settings_from_flags)
 from dataloader import (DataError, DigitDataset, check_training_set, find_data, load_test, load_train,
                         names_read_as_data, source_files, stratified_split)
 from ensemble import (existing_member_folders, member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled,
@@ -354,8 +355,9 @@ def train_rounds(options, recipe, full, test_images, device, log):
         log(f"pseudo-labels: {len(extra):,} of {len(test_images):,} test images at probability >= "
             f"{recipe.ensemble.pseudo_label:g} join every member's training rows for round 2")
         if not len(extra) and len(test_images):
-            log(f"note: the surest test prediction reads {float(test_probs.max()):.3f} (label smoothing keeps them "
-                f"low), so round 2 trains on train.csv alone, as round 1 did: use a lower --pseudo-label")
+            log(f"note: the surest test prediction reads {float(test_probs.max()):.3f} (label smoothing keeps even "
+                f"sure ones near 0.91), so round 2 trains on train.csv alone, as round 1 did: use a lower "
+                f"--pseudo-label")
         members = plan(recipe, full.labels, os.path.join(options.checkpoint_dir, "round2"), options.seed)
         histories = train_members(options, members, full, device, log, extra)
         if recipe.ensemble.folds:
@@ -474,7 +476,7 @@ def dry_run_outputs(options, recipe, log):
             log(f"dry run: everything worked; its outputs (in {folder}{report}) "
                 f"were temporary and are removed now, nothing else was written")
     except OutputError as e:  # no flag moves the temporary folder: TMPDIR does
-        raise OutputError(f"{e} (the dry run's temporary folder: set TMPDIR to a folder with room)") from None
+        raise OutputError(f"{e} (in the dry run's temporary folder: set TMPDIR to another folder)") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -550,7 +552,7 @@ def main(argv=None) -> int:
     rank_0 = os.environ.get("RANK", "0") == "0"  # one message, not one per torchrun process
 
     def after_error(error):
-        if isinstance(error, OutputError) and getattr(options, "training_started", False) and rank_0:
+        if isinstance(error, (OutputError, LogError)) and getattr(options, "training_started", False) and rank_0:
             print_resume_hint(argv, options, recipe, after_error=True)  # a write failed mid-run (a full disk)
 
     def after_interrupt():  # SIGTERM stops like Ctrl-C: last.pt holds the last whole epoch

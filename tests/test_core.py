@@ -171,7 +171,7 @@ def test_a_dry_run_on_a_full_temporary_disk_says_to_set_tmpdir(kaggle_dir, capsy
     monkeypatch.setattr(main, "write_submission", full)
     assert main.main(["--data", str(kaggle_dir), "--dry-run", "--epochs", "1", "--report", ""]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "digit-dry-run-" in err[0] and "set TMPDIR to a folder with room" in err[0]
+    assert len(err) == 1 and "digit-dry-run-" in err[0] and "set TMPDIR to another folder" in err[0]
 
 
 @pytest.mark.parametrize("held, flags, says", [

@@ -129,7 +129,7 @@ for n, settings in enumerate([dict(dry_run=True, folds=2, pseudo_label=0.5), {{}
 def notebook_run(data_dir, tmp_path_factory):
     """(folder, stdout) of one torchrun of three run() calls in each process: a dry run, a real run,
     and a resume of the finished real run. Each test checks its own call ("run N ok" from both
-    processes), so one call that fails fails its own test only."""
+    processes): a call that fails fails its own test and those of the calls after it."""
     out = tmp_path_factory.mktemp("notebook")
     script = out / "notebook.py"
     script.write_text(NOTEBOOK.format(root=ROOT, data=str(data_dir), out=str(out)))

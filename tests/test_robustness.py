@@ -432,6 +432,13 @@ BAD_CHECKPOINTS = {  # case: (writer(path, marker, good checkpoint), what the er
 }
 
 
+def test_a_checkpoint_that_cannot_be_read_is_one_line(capsys, tmp_path, out):
+    """/proc/self/mem is a regular file whose first bytes cannot be read (EIO)."""
+    code, _, err = cli(capsys, inference, "--checkpoint", "/proc/self/mem", "--input",
+                       write_data(tmp_path / "data") / "test.csv", "--output", out / "final_submission.csv")
+    assert_user_error(code, err, "/proc/self/mem: not a readable checkpoint")
+
+
 @pytest.mark.parametrize("command", [inference, export], ids=["inference", "export"])
 @pytest.mark.parametrize("case", BAD_CHECKPOINTS)
 def test_bad_checkpoint_is_one_line_exit_2(capsys, tmp_path, out, case, command):
@@ -868,18 +875,32 @@ def test_a_reader_that_stops_reading_stdout_does_not_stop_the_run(tmp_path, out,
     assert len((out / "final_submission.csv").read_text().splitlines()) == ROWS + 1
 
 
-def test_stdout_on_a_full_disk_stops_the_run_with_one_line(capsys, tmp_path, out, monkeypatch):
-    """`python main.py > log.txt` on a full disk (/dev/full: every write fails with ENOSPC): exit 2,
-    one line on stderr, the earlier results as they were, and no warning from the last flush."""
+@pytest.mark.parametrize("buffering", [1, -1])
+def test_stdout_on_a_full_disk_stops_the_run_with_one_line(capsys, tmp_path, out, monkeypatch, buffering):
+    """`python main.py > log.txt` on a full disk (/dev/full: every write fails with ENOSPC): exit 2
+    and one line on stderr, no warning from the last flush. Line-buffered (a terminal's way), the
+    first line fails, before training; block-buffered (a file's way), the flush after the run
+    does, and the epochs done are kept."""
     before = snapshot(out)
-    with open("/dev/full", "w", buffering=1) as full:  # line-buffered: the first line fails
+    with open("/dev/full", "w", buffering=buffering) as full:
         monkeypatch.setattr(sys, "stdout", full)
         argv = [*main_argv(write_data(tmp_path / "data"), out), "--widths", 4, 8, 8, "--report", ""]
         code = main.main([str(a) for a in argv])
         sys.stdout.flush()  # as at exit: quiet now
     err = capsys.readouterr().err.strip().splitlines()
-    assert_user_error(code, err, "stdout: cannot write (No space left on device)", "send it to another file")
-    assert snapshot(out) == before  # it stopped at its first line, before training
+    assert_user_error(code, err[:1], "stdout: cannot write (No space left on device)", "send the log to a file")
+    if buffering == 1:
+        assert len(err) == 1 and snapshot(out) == before
+    else:
+        assert err[-1].startswith("the epochs done are kept; once that is fixed, resume with: python ")
+        assert (out / "final_submission.csv").read_text() != before["final_submission.csv"][0].decode()
+
+
+def test_stderr_on_a_full_disk_keeps_the_exit_code(capsys, tmp_path, monkeypatch):
+    """The error line cannot be written either: the exit code still says what happened."""
+    with open("/dev/full", "w", buffering=1) as full:
+        monkeypatch.setattr(sys, "stderr", full)
+        assert inference.main(["--checkpoint", str(tmp_path / "none.pt"), "--input", str(tmp_path)]) == 2
 
 
 def test_an_interrupt_after_the_reader_of_stderr_left_still_exits_130(tmp_path, out, monkeypatch):
@@ -907,13 +928,15 @@ def test_ctrl_c_or_sigterm_during_inference_is_one_line_and_leaves_no_partial_fi
     assert snapshot(out) == before  # no .tmp- file, the old outputs untouched
 
 
-@pytest.mark.parametrize("failing", ["p.csv", "final_submission.csv"])
+@pytest.mark.parametrize("failing, step", [("p.csv", "fsync"), ("final_submission.csv", "fsync"),
+                                           ("final_submission.csv", "replace")])
 def test_inference_replaces_the_submission_and_its_probabilities_together_or_neither(capsys, tmp_path, out,
-                                                                                   monkeypatch, failing):
-    """A full disk while syncing either file (--probs is synced first) leaves both as they were:
-    never a new submission beside the old probabilities."""
+                                                                                   monkeypatch, failing, step):
+    """A full disk while syncing either file (--probs is synced first), or the submission's rename
+    failing after the probabilities' (a file mounted on its own is busy), leaves both as they
+    were: never a new submission beside the old probabilities, or the other way round."""
     (out / "p.csv").write_text(EARLIER_PROBABILITIES)
-    before, syncs, real_fsync = snapshot(out), [], os.fsync
+    before, syncs, real_fsync, real_replace = snapshot(out), [], os.fsync, os.replace
 
     def fsync_on_a_full_disk(fd):
         if "/.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):  # an output's temp file, not the free-space probe
@@ -921,15 +944,24 @@ def test_inference_replaces_the_submission_and_its_probabilities_together_or_nei
             if len(syncs) == (1 if failing == "p.csv" else 2):
                 raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
-    monkeypatch.setattr(os, "fsync", fsync_on_a_full_disk)
+
+    def replace_onto_a_busy_file(source, target):
+        if str(target) == str(out / failing) and ".tmp-" in str(source) and not str(source).endswith(".old"):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_replace(source, target)
+    if step == "fsync":
+        monkeypatch.setattr(os, "fsync", fsync_on_a_full_disk)
+    else:
+        monkeypatch.setattr(os, "replace", replace_onto_a_busy_file)
     code, _, err = cli(capsys, inference, *inference_argv(write_data(tmp_path / "data") / "test.csv", out),
                        "--probs", out / "p.csv")
-    assert_user_error(code, err, f"{out / failing}: cannot write: the disk is full")
-    assert snapshot(out) == before
+    assert_user_error(code, err, f"{out / failing}: cannot write: ")
+    assert snapshot(out) == before  # no temp file or hard link left either
 
 
 def test_inference_report_that_fails_midway_leaves_the_probabilities_as_they_were(capsys, tmp_path, out,
                                                                                  monkeypatch):
+    """The old probabilities stay; new ones in the new report folder go, with the folder."""
     (out / "p.csv").write_text(EARLIER_PROBABILITIES)
 
     def report_on_a_full_disk(*args, **kwargs):
@@ -940,6 +972,10 @@ def test_inference_report_that_fails_midway_leaves_the_probabilities_as_they_wer
                        "--report", out / "rep", "--probs", out / "p.csv")
     assert_user_error(code, err, "mistakes.csv: cannot write")
     assert (out / "p.csv").read_text() == EARLIER_PROBABILITIES and not list(out.glob(".tmp-*"))
+    code, _, err = cli(capsys, inference, "--checkpoint", out / "ckpt" / "best.pt", "--input", data / "train.csv",
+                       "--report", tmp_path / "new", "--probs", tmp_path / "new" / "p.csv")
+    assert_user_error(code, err, "mistakes.csv: cannot write")
+    assert not (tmp_path / "new").exists()
 
 
 def test_inference_that_fails_midway_leaves_no_folder_it_made_for_probs(capsys, tmp_path, out):
