@@ -80,7 +80,7 @@ def atomic_open(path, mode="w", together=None):
     except OSError as e:
         if e.errno not in _WRITE_ERRORS:  # e.g. a read error in the caller's block: not ours
             raise
-        raise OutputError(f"{path}: cannot write: {_reason(e)}") from None
+        raise _cannot_write(path, e) from None
     finally:
         _discard(tmp_path, made)
 
@@ -116,7 +116,7 @@ def _replace_all(pending):
                 os.replace(tmp_path, target)
             except OSError as e:
                 replaced = [(None, kept, False), *_put_back(replaced)]
-                raise OutputError(f"{path}: cannot write: {_reason(e)}") from None
+                raise _cannot_write(path, e) from None
             replaced.append((target, kept, existed))
             pending.pop(0)
     finally:
@@ -158,6 +158,10 @@ def _discard(tmp_path, made):
             os.unlink(tmp_path)
     if made is not None:  # not written, whatever failed (the folders, the temp file, the write)
         _remove_empty(made)
+
+
+def _cannot_write(path, error):
+    return OutputError(f"{path}: cannot write: {_reason(error)}")
 
 
 def _missing_folders(folder):
