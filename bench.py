@@ -25,7 +25,7 @@ from dataloader import (DataError, DigitDataset, find_data, load_test, load_trai
                         stratified_split)
 from export import onnxruntime_images_per_s
 from files import Kind, atomic_write_text, check_outputs
-from inference import load_models, predict_file, predict_probs
+from inference import load_models, predict_file, predict_probs, uses_bf16
 from recipe import VAL_FRACTION, preset
 from trainer import BatchSource, train, train_step
 
@@ -147,6 +147,7 @@ def run(args):
     # A clock that boosts above the nominal one lets sgemm beat the estimate: the higher is the peak.
     peak = max(machine["peak_gflops"], machine["sgemm_gflops"]) if machine["peak_gflops"] else None
     results.update(train_step_figures(recipe, full, device, peak))
+    results["train_precision"] = "bf16" if uses_bf16(device, training=True) else "float32"
     train_idx, val_idx = stratified_split(labels, VAL_FRACTION, seed=0)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -187,9 +188,10 @@ def print_table(r):
                   f"{r['model']['multiply_adds_per_image'] / 1e6:.2f}M multiply-adds/image"),
         ("load train.csv", f"{r['load_train_s']:.2f} s"),
         ("load test.csv", f"{r['load_test_s']:.2f} s"),
-        ("train step", f"{r['train_step_images_per_s']:,.0f} img/s = {r['train_step_gflops']:.0f} GFLOP/s"
-                       + (f" ({100 * r['train_step_fraction_of_peak']:.0f}% of peak)"
-                          if r["train_step_fraction_of_peak"] else "")),
+        (f"train step ({r['train_precision']})",
+         f"{r['train_step_images_per_s']:,.0f} img/s = {r['train_step_gflops']:.0f} GFLOP/s"
+         + (f" ({100 * r['train_step_fraction_of_peak']:.0f}% of the fp32 peak)" if r["train_step_fraction_of_peak"]
+            else "")),
         (f"epoch ({r['preset']} preset)", f"{r['seconds_per_epoch']:.1f} s ({r['epoch_images_per_s']:,.0f} img/s incl. validation)"),
         *((f"time to val acc {target} (training)", "not reached" if r[f"seconds_to_{target}"] is None
            else f"{r[f'seconds_to_{target}']} s") for target in ("0.990", "0.995")),

@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import filecmp
+import functools
 import os
 import stat
 import sys
@@ -57,9 +58,26 @@ def eval_batch_size(device):
     return 4096 if device.type == "cuda" else 256
 
 
-def autocast(device):
-    # bf16 on CUDA only; the CPU path stays float32 (AVX2-only CPUs have no bf16 units).
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+@functools.cache
+def computes_bf16(device) -> bool:
+    """Whether `device` has bf16 arithmetic in hardware: CUDA GPUs from Ampere on (compute
+    capability 8; a T4 or P100 emulates it, slower than float32) and CPUs with AVX512_BF16
+    (AMD Zen 4 on, Intel Xeon from Cooper Lake on; elsewhere oneDNN emulates it too)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, so looked up with care
+    return device.type == "cpu" and callable(supported) and supported()
+
+
+def uses_bf16(device, training=False) -> bool:
+    """Whether autocast computes in bf16: where `device` does so natively, except when
+    predicting on a CPU, which stays float32 on every CPU: it is fast already, and a
+    checkpoint then predicts the same on every machine, and the same as its ONNX export."""
+    return computes_bf16(device) and (training or device.type == "cuda")
+
+
+def autocast(device, training=False):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, training))
 
 
 @torch.inference_mode()

@@ -181,7 +181,7 @@ class BatchSource:
 def train_step(net, optimizer, images, labels, label_smoothing, device):
     """One SGD step: forward, backward, update. Returns (loss, number correct) as device
     tensors, so the loop never waits on them."""
-    with autocast(device):
+    with autocast(device, training=True):
         logits = net(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
