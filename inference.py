@@ -64,7 +64,7 @@ def computes_bf16(device) -> bool:
     capability 8; a T4 or P100 emulates it, slower than float32) and CPUs with AVX512_BF16
     (AMD Zen 4 on, Intel Xeon from Cooper Lake on; elsewhere oneDNN emulates it too)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.get_device_capability(device)[0] >= 8
     supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, so looked up with care
     return device.type == "cpu" and callable(supported) and supported()
 

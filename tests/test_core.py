@@ -311,6 +311,15 @@ def test_training_steps_in_bf16_only_where_the_cpu_has_it_and_prediction_stays_f
     assert inference.uses_bf16(torch.device("cuda"), training=False) == native  # a GPU predicts in bf16 too
 
 
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((6, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_only_gpus_from_ampere_on_compute_in_bf16(capability, native, monkeypatch):
+    """A Kaggle T4 (7.5) or P100 (6.0) would emulate bf16, slower than float32."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability)
+    gpu = torch.device("cuda", 1)
+    assert inference.computes_bf16.__wrapped__(gpu) == native and asked == [gpu]  # uncached; this GPU, not GPU 0
+
+
 def test_the_log_says_what_training_computes_in(kaggle_dir, monkeypatch, capsys):
     for native, says in [(True, "device cpu (training in bf16)"), (False, "device cpu (training in float32)")]:
         monkeypatch.setattr(inference, "computes_bf16", lambda device: native)
