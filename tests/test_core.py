@@ -320,6 +320,15 @@ def test_only_gpus_from_ampere_on_compute_in_bf16(capability, native, monkeypatc
     assert inference.computes_bf16.__wrapped__(gpu) == native and asked == [gpu]  # uncached; this GPU, not GPU 0
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's flags from /proc/cpuinfo")
+def test_the_bf16_check_agrees_with_the_cpus_own_flags():
+    """The other bf16 tests replace computes_bf16: this one checks the real check, so a typo in
+    it cannot quietly keep every AVX512_BF16 machine in float32."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    assert inference.computes_bf16.__wrapped__(CPU) == ("avx512_bf16" in flags)
+
+
 def test_the_log_says_what_training_computes_in(kaggle_dir, monkeypatch, capsys):
     for native, says in [(True, "device cpu (training in bf16)"), (False, "device cpu (training in float32)")]:
         monkeypatch.setattr(inference, "computes_bf16", lambda device: native)
