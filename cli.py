@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shlex
 import signal
 import sys
 
@@ -26,6 +27,17 @@ class UserError(Exception):
 def one_line(text) -> str:
     """`text` with its line breaks shown as \\n, so a message quoting a user's value stays one line."""
     return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def shell_word(text) -> str:
+    """`text` as one word that bash or zsh reads back as the same bytes, for printed commands:
+    shlex.quote's, or $'...' with \\xHH escapes where `text` holds a control character or a
+    byte that is not UTF-8 (argv keeps those as surrogates), which shlex.quote would print raw."""
+    if text.isprintable():
+        return shlex.quote(text)
+    escaped = "".join(chr(byte) if 32 <= byte < 127 and chr(byte) not in "\\'" else f"\\x{byte:02x}"
+                      for byte in os.fsencode(text))
+    return f"$'{escaped}'"
 
 
 class ArgumentParser(argparse.ArgumentParser):

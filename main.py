@@ -23,7 +23,6 @@ Then submit: kaggle competitions submit -c digit-recognizer -f final_submission.
 
 import contextlib
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import torch
 from DigitRecognizerModel import CHECKPOINT, NUM_CLASSES, CheckpointError, build_model, own_defaults
 from cli import (ArgumentParser, LogError, UserError, add_setting_flags, choose_device, flatten_settings,
                  launched_world_size, path_argument, prepare_output, ranged, replace_settings, run_command,
-                 settings_from_flags)
+                 settings_from_flags, shell_word)
 from dataloader import (DataError, DigitDataset, check_training_set, find_data, load_test, load_train,
                         names_read_as_data, source_files, stratified_split)
 from ensemble import (existing_member_folders, member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled,
@@ -378,7 +377,7 @@ def check_resumable_folder(options, first):
 
 def rebuild_command(options, checkpoints):
     """The inference.py command that writes the run's submission again from `checkpoints` alone."""
-    as_argument = lambda path: shlex.quote("./" + path if path.startswith("-") else path)  # noqa: E731
+    as_argument = lambda path: shell_word("./" + path if path.startswith("-") else path)  # noqa: E731
     device = "" if options.device == "auto" else f" --device {options.device}"  # as chosen, also on a GPU machine
     return (f"python {as_argument(command_path('inference.py'))} "
             f"--checkpoint {' '.join(map(as_argument, checkpoints))} "
@@ -576,7 +575,7 @@ def command_path(script):
 def print_resume_hint(argv, options, recipe, after_error=False):
     """After Ctrl-C, or an error that stopped the run: how to go on (from last.pt where this run wrote one)."""
     flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-    script = shlex.quote(command_path("main.py"))
+    script = shell_word(command_path("main.py"))
     command = f"torchrun <same options> {script}" if "WORLD_SIZE" in os.environ else f"python {script}"
     first_last_pt = os.path.join(member_folders(recipe, options.checkpoint_dir)[0], "last.pt")
     this_runs = options.resume or getattr(options, "training_started", False)  # else an earlier run's last.pt
@@ -585,7 +584,7 @@ def print_resume_hint(argv, options, recipe, after_error=False):
             print("\ninterrupted before the first checkpoint; start again with the same command", file=sys.stderr)
     else:
         what = "the epochs done are kept; once that is fixed, resume" if after_error else "interrupted; resume"
-        print(f"\n{what} with: {command} --resume {shlex.join(flags)}".rstrip(), file=sys.stderr)
+        print(f"\n{what} with: {command} --resume {' '.join(map(shell_word, flags))}".rstrip(), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Python entry point, and a second architecture added in one file."""
 import os
 import shutil
 import signal
+import subprocess
 import zipfile
 
 import pandas as pd
@@ -14,7 +15,7 @@ import torch.nn as nn
 import DigitRecognizerModel
 import inference
 import main
-from cli import UserError, flag_name, setting_fields
+from cli import UserError, flag_name, setting_fields, shell_word
 from conftest import assert_user_error, cli, make_digits, snapshot, write_csv
 from recipe import Recipe
 
@@ -176,3 +177,12 @@ def test_elastic_sigma_without_the_elastic_distortion_is_refused_not_ignored(cap
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "--elastic-sigma 20 shapes the elastic distortion, which is off" in err[0]
     assert main.parse_args(["--elastic-sigma", "20", "--elastic", "2"])[1].augment.elastic_sigma == 20
+
+
+@pytest.mark.parametrize("name", ["plain.csv", "it's a file.csv", "caf\u00e9.csv", os.fsdecode(b"s\xe9.csv"),
+                                  "two\nlines.csv", "back\\slash\x01.csv", "$HOME.csv"])
+def test_printed_commands_quote_every_file_name_so_bash_reads_back_its_bytes(name):
+    word = shell_word(name)
+    assert word.isprintable() and "\n" not in word  # one line on any terminal
+    read_back = subprocess.run(["bash", "-c", f"printf '%s' {word}"], capture_output=True, check=True).stdout
+    assert read_back == os.fsencode(name)

@@ -851,6 +851,10 @@ def test_a_path_that_is_not_utf8_works_through_the_real_command_line(tmp_path, o
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert b"wrote " + submission.replace(b"\xe9", b"\\udce9") in done.stdout  # escaped, not a traceback
     assert os.path.exists(submission) and len(open(submission).read().splitlines()) == ROWS + 1
+    rebuild = done.stdout.split(b"the same file from the checkpoints alone: python ")[1].splitlines()[0]
+    words = subprocess.run(["bash", "-c", "printf '%s\\0' " + rebuild.decode("ascii")], capture_output=True,
+                           check=True).stdout.split(b"\0")[:-1]  # the words bash reads from the printed command
+    assert words[words.index(b"--output") + 1] == submission  # so the command can be pasted as it is
 
 
 def test_outputs_are_utf8_whatever_the_locale(tmp_path):
