@@ -25,7 +25,7 @@ from dataloader import (DataError, DigitDataset, find_data, load_test, load_trai
                         stratified_split)
 from export import onnxruntime_images_per_s
 from files import Kind, atomic_write_text, check_outputs
-from inference import load_models, predict_file, predict_probs, uses_bf16
+from inference import load_models, predict_file, predict_probs, training_precision
 from recipe import VAL_FRACTION, preset
 from trainer import BatchSource, train, train_step
 
@@ -147,7 +147,7 @@ def run(args):
     # A clock that boosts above the nominal one lets sgemm beat the estimate: the higher is the peak.
     peak = max(machine["peak_gflops"], machine["sgemm_gflops"]) if machine["peak_gflops"] else None
     results.update(train_step_figures(recipe, full, device, peak))
-    results["train_precision"] = "bf16" if uses_bf16(device, training=True) else "float32"
+    results["train_precision"] = training_precision(device)
     train_idx, val_idx = stratified_split(labels, VAL_FRACTION, seed=0)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as checkpoint_dir:

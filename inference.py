@@ -80,6 +80,11 @@ def autocast(device, training=False):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, training))
 
 
+def training_precision(device) -> str:
+    """'bf16' or 'float32': what training on `device` computes in, for the log and bench.py."""
+    return "bf16" if uses_bf16(device, training=True) else "float32"
+
+
 @torch.inference_mode()
 def predict_logits(model, images, device, batch_size=None, view: View = View()):
     """Logits (N, classes) in float32 for uint8 images (N, 1, 28, 28), in eval mode."""

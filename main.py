@@ -39,7 +39,7 @@ from dataloader import (DataError, DigitDataset, check_training_set, find_data, 
 from ensemble import (existing_member_folders, member_count, member_folders, out_of_fold_probs, plan, pseudo_labelled,
                       stale_member_folders, with_extra)
 from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, check_unlocked, folder_lock, read_head
-from inference import SUBMISSION, load_models, predict_probs, uses_bf16, write_submission
+from inference import SUBMISSION, load_models, predict_probs, training_precision, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
 from report import holds_a_report, report_files, write_report
 from trainer import (HISTORY, TrainingDiverged, close_distributed, init_distributed, rank_and_world_size,
@@ -439,7 +439,7 @@ def log_start(options, recipe, first, test_rows, device, world_size, log):
     processes = f" in each of {world_size} processes" if world_size > 1 else ""
     folds = f" (fold 1 of {recipe.ensemble.folds})" if recipe.ensemble.folds else ""
     log(f"data: {len(first.train_rows):,} train / {len(first.val_rows):,} validation{folds} / {test_rows:,} "
-        f"test images; device {device} (training in {'bf16' if uses_bf16(device, training=True) else 'float32'}), "
+        f"test images; device {device} (training in {training_precision(device)}), "
         f"{torch.get_num_threads()} threads{processes}")
     preset_mix = preset(options.preset).ensemble.mix
     if member_count(recipe) == 1 and preset_mix != "none":
