@@ -14,6 +14,7 @@ sharded too and its sums all-reduced; only rank 0 writes files.
 import contextlib
 import copy
 import hashlib
+import importlib
 import math
 import os
 import signal
@@ -89,6 +90,12 @@ def init_distributed(device):
     # KeyboardInterrupt, SIGTERM as one) ever runs: the default actions stop it at once.
     # Nothing is written yet.
     handlers = {number: signal.signal(number, signal.SIG_DFL) for number in (signal.SIGINT, signal.SIGTERM)}
+    # DDP's first use imports this module, whose functions take the process group that exists
+    # then as a default argument: imported after joining, they keep the group, and gloo's worker
+    # threads, alive past destroy_process_group, and a worker that lets go of a tensor while
+    # Python shuts down aborts the process ("terminate called without an active exception").
+    # Imported before joining, they hold None.
+    importlib.import_module("torch.distributed.nn.functional")
     try:
         if device.type == "cuda":
             dist.init_process_group("nccl", device_id=device)
@@ -104,9 +111,8 @@ def init_distributed(device):
 
 
 def wait_for_peers():
-    """Each rank waits until every rank gets here (nothing without a process group). After a
-    run, rank 0 finishes writing first: a rank that exits, tearing gloo down, while its peer is
-    busy can abort ("terminate called without an active exception")."""
+    """Each rank waits until every rank gets here (nothing without a process group): after a
+    run, every rank returns once rank 0 has written its files."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

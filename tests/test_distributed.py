@@ -5,6 +5,7 @@ preset learn them, so both runs should reach the same accuracy.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,12 +46,33 @@ def train(data_dir, out, launcher, *extra, script="main.py", ok=True):
     return result
 
 
+COUNTING_THREADS = """
+import os
+import sys
+sys.path.insert(0, {root!r})
+import main
+
+
+def threads():  # the process's native threads, gloo's among them
+    return len(os.listdir("/proc/self/task"))
+
+
+before = threads()
+code = main.main()
+print(f"threads before main(): {{before}}, after: {{threads()}}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
 @pytest.fixture(scope="module")
 def whole_run(data_dir, tmp_path_factory):
-    """(folder, result) of one uninterrupted 2-process run, which tests compare against; a test
-    that changes files copies the folder first."""
+    """(folder, result) of one uninterrupted 2-process run of main.py's main(), which tests compare
+    against; a test that changes files copies the folder first. Each process then prints its
+    thread counts before and after main()."""
     out = tmp_path_factory.mktemp("whole")
-    return out, train(data_dir, out, TORCHRUN)
+    script = out / "counting_threads.py"
+    script.write_text(COUNTING_THREADS.format(root=ROOT))
+    return out, train(data_dir, out, TORCHRUN, script=str(script))
 
 
 def test_two_processes_match_one(data_dir, whole_run, tmp_path, capsys):
@@ -74,6 +96,17 @@ def test_two_processes_match_one(data_dir, whole_run, tmp_path, capsys):
     single = load_checkpoint(str(single / "ck" / "best.pt"))
     assert single["val_accuracy"] > 0.9
     assert abs(best["val_accuracy"] - single["val_accuracy"]) <= 0.03
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_no_thread_outlives_main_under_torchrun(whole_run):
+    """main() leaves the process as it found it: gloo's worker threads stopped. One left running
+    could let go of a tensor while Python shuts down, which aborts the process (SIGABRT) after a
+    run that wrote everything: torchrun then fails, and so does the user's job."""
+    counts = re.findall(r"threads before main\(\): (\d+), after: (\d+)", whole_run[1].stderr)
+    assert len(counts) == 2, whole_run[1].stderr  # one line from each process
+    for before, after in counts:
+        assert after == before, whole_run[1].stderr
 
 
 STOP_AT_EPOCH_2 = """
