@@ -11,6 +11,7 @@ its own augmentation and dropout; `batch_size` stays the global batch. Validatio
 sharded too and its sums all-reduced; only rank 0 writes files.
 """
 
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -107,6 +108,9 @@ def init_distributed(device):
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)
+    # run() keeps the group for a later run in this process; it is closed before Python shuts
+    # down, while a gloo worker letting go of its last tensors can still take the GIL.
+    atexit.register(close_distributed)
     return device
 
 

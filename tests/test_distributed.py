@@ -145,9 +145,16 @@ def test_two_processes_interrupted_then_resumed_match_the_uninterrupted_run(data
 
 
 NOTEBOOK = """
+import atexit
+import os
 import sys
 sys.path.insert(0, {root!r})
 from main import run
+
+# Registered first, so it runs last as Python shuts down: the native threads left then, gloo's among them.
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+atexit.register(lambda: print(f"threads before: {{before}}, at exit: {{threads()}}", flush=True))
 # A notebook cell run three times under torchrun (the later calls keep the process group the first
 # joined): a dry run, a real run, then resume=True of that finished run into another submission.
 for n, settings in enumerate([dict(dry_run=True, folds=2, pseudo_label=0.5), {{}}, dict(resume=True)]):
@@ -182,6 +189,14 @@ def test_run_twice_in_one_torchrun_process(notebook_run):
     out, stdout = notebook_run
     assert stdout.count("run 1 ok") == 2
     assert (out / "sub1.csv").exists() and len(pd.read_csv(out / "ck1" / "history.csv")) == 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_run_under_torchrun_stops_its_threads_before_python_shuts_down(notebook_run):
+    """run() keeps the process group for later calls; it is closed at exit, gloo's threads with it."""
+    stdout = notebook_run[1]
+    counts = re.findall(r"threads before: (\d+), at exit: (\d+)", stdout)
+    assert len(counts) == 2 and all(before == after for before, after in counts), stdout  # one line from each process
 
 
 def test_resuming_a_finished_run_only_writes_the_submission(notebook_run):
