@@ -33,7 +33,7 @@ from cli import (UserError, as_typed, first_sentence, flag_name, flatten_setting
                  setting_fields)
 from dataloader import AugmentConfig, DigitDataset, augment
 from files import Kind, atomic_write_text
-from inference import autocast, eval_batch_size, predict_logits
+from inference import autocast, eval_batch_size, predict_logits, training_precision
 
 MAX_EPOCHS = 1000  # an epoch's random numbers come from seed * MAX_EPOCHS + epoch
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
@@ -393,14 +393,19 @@ class Trainer:
                                   f"done; put it back, or train again without --resume")
         if self.rank == 0:  # last.pt holds its rows: put back a history.csv deleted, or cut short by the interrupt
             write_history(self.paths["history.csv"], self.state.history)
-        self.log(f"resumed from {path} after epoch {self.state.epoch}/{self.config.epochs}")
+        precision = training_precision(self.device)
+        before = saved.get("training_precision", precision)  # absent from an older version's last.pt
+        mixed = (f"; its epochs so far trained in {before}, the rest in {precision} on this machine: the run goes "
+                 f"on correctly, but not bit for bit as it would have" if before != precision else "")
+        self.log(f"resumed from {path} after epoch {self.state.epoch}/{self.config.epochs}{mixed}")
 
     def save_last(self):
         if self.rank == 0:
             save_checkpoint(self.paths["last.pt"], self.model, optimizer=self.optimizer.state_dict(),
                             scheduler=self.scheduler.state_dict(), ema=self.ema.model.state_dict() if self.ema else None,
                             epoch=self.state.epoch, history=self.state.history,
-                            best_accuracy=self.state.best_accuracy, identity=self.identity)
+                            best_accuracy=self.state.best_accuracy, identity=self.identity,
+                            training_precision=training_precision(self.device))
 
     def save_epoch(self, row):
         """best.pt on a new best (or every epoch, without keep_best), then last.pt and history.csv."""

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+import inference
 import main
 import trainer
 from DigitRecognizerModel import load_checkpoint
@@ -418,3 +419,18 @@ def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data,
     if earlier_run and during != "reading":  # a fresh run removes an earlier run's resume point first
         del before["ckpt/last.pt"]  # and keeps its best.pt until it has its own
     assert snapshot(tmp_path) == before and (earlier_run or not (tmp_path / "ckpt").exists())
+
+
+
+def test_resuming_in_another_precision_says_the_run_mixes_them(capsys, data, tmp_path, monkeypatch):
+    """A run begun where bf16 is native (a Zen 4 or later CPU, an Ampere GPU), resumed where it is not."""
+    monkeypatch.setattr(inference, "computes_bf16", lambda device: True)
+    interrupt_at_epoch(monkeypatch, 2)
+    assert cli(capsys, main, *tiny_argv(data, tmp_path))[0] == 130
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["training_precision"] == "bf16"
+    monkeypatch.undo()
+    monkeypatch.setattr(inference, "computes_bf16", lambda device: False)
+    code, stdout, _ = cli(capsys, main, *tiny_argv(data, tmp_path, "--resume"))
+    assert code == 0
+    assert ("after epoch 1/2; its epochs so far trained in bf16, the rest in float32 on this machine" in stdout)
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["training_precision"] == "float32"
