@@ -71,8 +71,12 @@ def init_distributed(device):
     second run in one process (run() twice in a notebook under torchrun) keeps the group it
     joined: joining torchrun's store again can hang.
     """
-    if launched_world_size() == 1:
+    world_size = launched_world_size()
+    if world_size == 1:
         return device
+    if not dist.is_available():
+        raise UserError(f"WORLD_SIZE={world_size} asks for several processes, but this torch build has no "
+                        f"torch.distributed; run one process (unset WORLD_SIZE), or install a torch that has it")
     if device.type == "cuda":
         local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
         if local_rank >= gpus:  # torch.cuda.set_device would fail with "invalid device ordinal"

@@ -209,10 +209,23 @@ def test_resuming_a_finished_run_only_writes_the_submission(notebook_run):
     assert (out / "sub2.csv").read_bytes() == (out / "sub1.csv").read_bytes()
 
 
-def test_more_processes_than_gpus_is_one_line(monkeypatch):
+def as_rank_1_of_2(monkeypatch):
     for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "localhost",
                         "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(name, value)
+
+
+def test_a_torch_without_distributed_is_one_line(monkeypatch):
+    """Some torch builds (USE_DISTRIBUTED=0) have no process groups at all."""
+    as_rank_1_of_2(monkeypatch)
+    monkeypatch.setattr(trainer.dist, "is_available", lambda: False)
+    monkeypatch.setattr(trainer.dist, "init_process_group", lambda *_, **__: pytest.fail("tried to join"))
+    with pytest.raises(trainer.UserError, match=r"^WORLD_SIZE=2 asks for several processes, but this torch build"):
+        trainer.init_distributed(torch.device("cpu"))
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    as_rank_1_of_2(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(trainer.UserError, match=r"^LOCAL_RANK=1, but this machine shows 1 GPU\(s\); start at most 1"):
         trainer.init_distributed(torch.device("cuda"))
