@@ -15,7 +15,6 @@ import atexit
 import contextlib
 import copy
 import hashlib
-import importlib
 import math
 import os
 import signal
@@ -34,6 +33,14 @@ from cli import (UserError, as_typed, first_sentence, flag_name, flatten_setting
 from dataloader import AugmentConfig, DigitDataset, augment
 from files import Kind, atomic_write_text
 from inference import autocast, eval_batch_size, predict_logits, training_precision
+
+if dist.is_available():
+    # DDP's first use imports this module, whose functions take the process group that exists
+    # then as a default argument: imported after a group is joined, they keep it, and gloo's
+    # worker threads, alive past destroy_process_group, and a worker that lets go of a tensor
+    # while Python shuts down aborts the process ("terminate called without an active
+    # exception"). Imported now, before any group, they hold None.
+    import torch.distributed.nn.functional  # noqa: F401
 
 MAX_EPOCHS = 1000  # an epoch's random numbers come from seed * MAX_EPOCHS + epoch
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
@@ -84,7 +91,7 @@ def init_distributed(device):
                             f"process(es) per machine (--nproc_per_node), or check CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if dist.is_available() and dist.is_initialized():  # joined, threads shared out, by an earlier run here
+    if dist.is_initialized():  # joined, threads shared out, by an earlier run here
         return device
     # torch obeys OMP_NUM_THREADS, which torchrun sets to 1 when it starts several processes
     # per node (unless the user set it); without it, the node's cores are shared out.
@@ -95,12 +102,6 @@ def init_distributed(device):
     # KeyboardInterrupt, SIGTERM as one) ever runs: the default actions stop it at once.
     # Nothing is written yet.
     handlers = {number: signal.signal(number, signal.SIG_DFL) for number in (signal.SIGINT, signal.SIGTERM)}
-    # DDP's first use imports this module, whose functions take the process group that exists
-    # then as a default argument: imported after joining, they keep the group, and gloo's worker
-    # threads, alive past destroy_process_group, and a worker that lets go of a tensor while
-    # Python shuts down aborts the process ("terminate called without an active exception").
-    # Imported before joining, they hold None.
-    importlib.import_module("torch.distributed.nn.functional")
     try:
         if device.type == "cuda":
             dist.init_process_group("nccl", device_id=device)
@@ -375,6 +376,7 @@ class Trainer:
         self.net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
                     if world_size > 1 else model)
         self.state = RunState(history=[])
+        self.precision = training_precision(device)  # 'mixed' once resumed in another precision
 
     @property
     def eval_model(self):
@@ -397,11 +399,14 @@ class Trainer:
                                   f"done; put it back, or train again without --resume")
         if self.rank == 0:  # last.pt holds its rows: put back a history.csv deleted, or cut short by the interrupt
             write_history(self.paths["history.csv"], self.state.history)
-        precision = training_precision(self.device)
-        before = saved.get("training_precision", precision)  # absent from an older version's last.pt
-        mixed = (f"; its epochs so far trained in {before}, the rest in {precision} on this machine: the run goes "
-                 f"on correctly, but not bit for bit as it would have" if before != precision else "")
-        self.log(f"resumed from {path} after epoch {self.state.epoch}/{self.config.epochs}{mixed}")
+        before = saved.get("training_precision", self.precision)  # absent from an older version's last.pt
+        note = ""
+        if before != self.precision and 0 < self.state.epoch < self.config.epochs:
+            so_far = "both bf16 and float32" if before == "mixed" else before
+            note = (f"; its epochs so far trained in {so_far}, the rest train in {self.precision} on this "
+                    f"machine, so the run mixes the two precisions")
+            self.precision = "mixed"
+        self.log(f"resumed from {path} after epoch {self.state.epoch}/{self.config.epochs}{note}")
 
     def save_last(self):
         if self.rank == 0:
@@ -409,7 +414,7 @@ class Trainer:
                             scheduler=self.scheduler.state_dict(), ema=self.ema.model.state_dict() if self.ema else None,
                             epoch=self.state.epoch, history=self.state.history,
                             best_accuracy=self.state.best_accuracy, identity=self.identity,
-                            training_precision=training_precision(self.device))
+                            training_precision=self.precision)
 
     def save_epoch(self, row):
         """best.pt on a new best (or every epoch, without keep_best), then last.pt and history.csv."""

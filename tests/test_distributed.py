@@ -22,7 +22,8 @@ from DigitRecognizerModel import load_checkpoint, model_from_checkpoint
 from conftest import ROOT, cli, make_digits, write_csv
 
 TRAIN_ROWS, TEST_ROWS = 2000, 50
-FLAGS = ["--preset", "fast", "--epochs", "2", "--batch-size", "32", "--widths", "8", "16", "32", "--report", ""]
+FLAGS = ["--preset", "fast", "--epochs", "2", "--batch-size", "32", "--widths", "8", "16", "32", "--report", "",
+         "--device", "cpu"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 

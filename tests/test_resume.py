@@ -421,16 +421,24 @@ def test_interrupt_before_the_first_checkpoint_says_to_start_again(capsys, data,
     assert snapshot(tmp_path) == before and (earlier_run or not (tmp_path / "ckpt").exists())
 
 
-
 def test_resuming_in_another_precision_says_the_run_mixes_them(capsys, data, tmp_path, monkeypatch):
-    """A run begun where bf16 is native (a Zen 4 or later CPU, an Ampere GPU), resumed where it is not."""
-    monkeypatch.setattr(inference, "computes_bf16", lambda device: True)
-    interrupt_at_epoch(monkeypatch, 2)
-    assert cli(capsys, main, *tiny_argv(data, tmp_path))[0] == 130
-    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["training_precision"] == "bf16"
-    monkeypatch.undo()
-    monkeypatch.setattr(inference, "computes_bf16", lambda device: False)
-    code, stdout, _ = cli(capsys, main, *tiny_argv(data, tmp_path, "--resume"))
-    assert code == 0
-    assert ("after epoch 1/2; its epochs so far trained in bf16, the rest in float32 on this machine" in stdout)
-    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["training_precision"] == "float32"
+    """Begun where bf16 is native (a Zen 4 or later CPU, an Ampere GPU), resumed where it is not, then
+    where it is again: last.pt remembers that its epochs mixed the two."""
+    def epochs_on(native, *extra, stop_at=0):
+        monkeypatch.undo()
+        monkeypatch.setattr(inference, "computes_bf16", lambda device: native)
+        if stop_at:
+            interrupt_at_epoch(monkeypatch, stop_at)
+        code, stdout, _ = cli(capsys, main, *tiny_argv(data, tmp_path, "--epochs", "3", *extra))
+        assert code == (130 if stop_at else 0)
+        return stdout, load_checkpoint(tmp_path / "ckpt" / "last.pt")["training_precision"]
+
+    assert epochs_on(True, stop_at=2)[1] == "bf16"  # epoch 1 done
+    stdout, precision = epochs_on(False, "--resume", stop_at=2)  # epoch 2 done
+    assert "after epoch 1/3; its epochs so far trained in bf16, the rest train in float32 on this machine" in stdout
+    assert precision == "mixed"
+    stdout, precision = epochs_on(True, "--resume")
+    assert "after epoch 2/3; its epochs so far trained in both bf16 and float32, the rest train in bf16" in stdout
+    assert precision == "mixed"
+    stdout, _ = epochs_on(False, "--resume")  # finished: nothing left to train, nothing to say
+    assert "after epoch 3/3\n" in stdout
