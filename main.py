@@ -42,8 +42,8 @@ from files import HOLDER, HOLDER_FILE, OutputError, check_outputs, check_unlocke
 from inference import SUBMISSION, load_models, predict_probs, training_precision, write_submission
 from recipe import PRESETS, VAL_FRACTION, Recipe, flag_notes, preset
 from report import holds_a_report, report_files, write_report
-from trainer import (HISTORY, TrainingDiverged, close_distributed, init_distributed, rank_and_world_size,
-                     share_from_rank_0, train, wait_for_peers)
+from trainer import (HISTORY, TrainingDiverged, close_distributed, drop_traceback_locals, init_distributed,
+                     rank_and_world_size, share_from_rank_0, train, wait_for_peers)
 
 CHECKPOINT_FILES = {"best.pt": CHECKPOINT, "last.pt": CHECKPOINT, "history.csv": HISTORY}  # in each member's folder
 DRY_RUN_ROWS = 1000  # train.csv rows (at least) and test.csv rows a dry run trains and predicts on
@@ -540,6 +540,9 @@ def run(*, log=print, **flags):
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         return _run(options, recipe, log)
+    except BaseException as error:
+        drop_traceback_locals(error)
+        raise
     finally:  # the run seeds torch; the notebook's own random streams go on as they were
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
@@ -561,6 +564,9 @@ def main(argv=None) -> int:
     try:
         return run_command(lambda _: _run(options, recipe, print), None, failures=(TrainingDiverged,),
                            interrupted=after_interrupt, failed=after_error)
+    except BaseException as error:  # a bug: its traceback follows
+        drop_traceback_locals(error)
+        raise
     finally:
         close_distributed()
 

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,14 @@ def wait_for_peers():
 def close_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def drop_traceback_locals(error):
+    """Under a process group, clear the locals of the frames in `error`'s traceback; it prints
+    the same. They hold the DDP model, so the group and gloo's threads would outlive
+    close_distributed, and a gloo thread at work as Python shuts down aborts the process."""
+    if dist.is_available() and dist.is_initialized():
+        traceback.clear_frames(error.__traceback__)
 
 
 def share_from_rank_0(tensor, device):

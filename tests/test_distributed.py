@@ -52,17 +52,45 @@ import os
 import sys
 sys.path.insert(0, {root!r})
 import main
+import trainer
+run_epoch = trainer.Trainer.run_epoch
+
+
+def run_or_stop(self, epoch, bar):
+    if epoch == {stop_at_epoch}:  # on every process: Ctrl-C reaches them all, and so does a bug
+        raise {error}
+    return run_epoch(self, epoch, bar)
 
 
 def threads():  # the process's native threads, gloo's among them
     return len(os.listdir("/proc/self/task"))
 
 
+trainer.Trainer.run_epoch = run_or_stop
 before = threads()
-code = main.main()
-print(f"threads before main(): {{before}}, after: {{threads()}}", file=sys.stderr)
+try:
+    code = main.main()
+finally:  # before the traceback of an error
+    print(f"threads before main(): {{before}}, after: {{threads()}}", file=sys.stderr, flush=True)
 sys.exit(code)
 """
+
+
+def main_counting_threads(folder, stop_at_epoch=-1, error="KeyboardInterrupt"):
+    """A script that runs main.py's main(), raising `error` as epoch `stop_at_epoch` (0-based) starts,
+    then prints its thread counts before and after main()."""
+    script = folder / "main_counting_threads.py"
+    script.write_text(COUNTING_THREADS.format(root=ROOT, stop_at_epoch=stop_at_epoch, error=error))
+    return str(script)
+
+
+def assert_no_thread_left(output):
+    """main() left each process as it found it: gloo's worker threads stopped. One left running
+    could let go of a tensor while Python shuts down, which aborts the process (SIGABRT) after a
+    run that wrote everything: torchrun then fails, and so does the user's job."""
+    counts = re.findall(r"threads before main\(\): (\d+), after: (\d+)", output)
+    assert len(counts) == 2, output  # one line from each process
+    assert all(before == after for before, after in counts), output
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +99,7 @@ def whole_run(data_dir, tmp_path_factory):
     against; a test that changes files copies the folder first. Each process then prints its
     thread counts before and after main()."""
     out = tmp_path_factory.mktemp("whole")
-    script = out / "counting_threads.py"
-    script.write_text(COUNTING_THREADS.format(root=ROOT))
-    return out, train(data_dir, out, TORCHRUN, script=str(script))
+    return out, train(data_dir, out, TORCHRUN, script=main_counting_threads(out))
 
 
 def test_two_processes_match_one(data_dir, whole_run, tmp_path, capsys):
@@ -99,43 +125,29 @@ def test_two_processes_match_one(data_dir, whole_run, tmp_path, capsys):
     assert abs(best["val_accuracy"] - single["val_accuracy"]) <= 0.03
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+LINUX_PROC = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+
+
+@LINUX_PROC
 def test_no_thread_outlives_main_under_torchrun(whole_run):
-    """main() leaves the process as it found it: gloo's worker threads stopped. One left running
-    could let go of a tensor while Python shuts down, which aborts the process (SIGABRT) after a
-    run that wrote everything: torchrun then fails, and so does the user's job."""
-    counts = re.findall(r"threads before main\(\): (\d+), after: (\d+)", whole_run[1].stderr)
-    assert len(counts) == 2, whole_run[1].stderr  # one line from each process
-    for before, after in counts:
-        assert after == before, whole_run[1].stderr
+    assert_no_thread_left(whole_run[1].stderr)
 
 
-STOP_AT_EPOCH_2 = """
-import sys
-sys.path.insert(0, {root!r})
-import main
-import trainer
-run_epoch = trainer.Trainer.run_epoch
-
-
-def run_or_stop(self, epoch, bar):
-    if epoch == 1:
-        raise KeyboardInterrupt  # as Ctrl-C reaches every process of the group
-    return run_epoch(self, epoch, bar)
-
-
-trainer.Trainer.run_epoch = run_or_stop
-sys.exit(main.main())
-"""
+@LINUX_PROC
+def test_no_thread_outlives_a_bugs_traceback_under_torchrun(data_dir, tmp_path):
+    """The traceback's frames hold the DDP model, and through it the process group."""
+    crashed = train(data_dir, tmp_path, TORCHRUN, ok=False,
+                    script=main_counting_threads(tmp_path, stop_at_epoch=1, error='RuntimeError("a bug")'))
+    assert "RuntimeError: a bug" in crashed.stderr
+    assert_no_thread_left(crashed.stderr)
 
 
 def test_two_processes_interrupted_then_resumed_match_the_uninterrupted_run(data_dir, whole_run, tmp_path):
     whole = whole_run[0]
-    stopping = tmp_path / "stop_at_epoch_2.py"
-    stopping.write_text(STOP_AT_EPOCH_2.format(root=ROOT))
     cut = tmp_path / "cut"
-    stopped = train(data_dir, cut, TORCHRUN, script=str(stopping), ok=False)
+    stopped = train(data_dir, cut, TORCHRUN, script=main_counting_threads(tmp_path, stop_at_epoch=1), ok=False)
     assert "interrupted; resume with" in stopped.stderr
+    assert_no_thread_left(stopped.stderr)
     assert load_checkpoint(str(cut / "ck" / "last.pt"))["epoch"] == 1
     resumed = train(data_dir, cut, TORCHRUN, "--resume")
     assert "after epoch 1/2" in resumed.stdout
@@ -192,7 +204,7 @@ def test_run_twice_in_one_torchrun_process(notebook_run):
     assert (out / "sub1.csv").exists() and len(pd.read_csv(out / "ck1" / "history.csv")) == 1
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+@LINUX_PROC
 def test_run_under_torchrun_stops_its_threads_before_python_shuts_down(notebook_run):
     """run() keeps the process group for later calls; it is closed at exit, gloo's threads with it."""
     stdout = notebook_run[1]
